@@ -1,0 +1,125 @@
+"""The ``synfer`` command line. Each command parses its options once and calls one library function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from synfer_ray.errors import SynferError
+
+app = typer.Typer(help="Make labelled synthetic facial-expression datasets with SynFER, on Ray.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+bundle_app = typer.Typer(help="Create and inspect model bundles.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+def _fail(error: SynferError) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@bundle_app.command("make-tiny")
+def bundle_make_tiny(
+    path: Path = typer.Argument(..., help="Directory to write the bundle into."),
+    seed: int = typer.Option(0, help="Weight seed; the same seed gives the same bytes."),
+    resolution: int = typer.Option(48, help="Image size in pixels (multiple of 4)."),
+    expressions: str = typer.Option("affectnet7", help="Class set: affectnet7 or affectnet8."),
+    au_set: str = typer.Option("fineface12", help="AU names: fineface12 or opengraphau41."),
+) -> None:
+    """Write a small random-weight bundle in the real SD layout (for tests and demos)."""
+    from synfer_ray import taxonomy
+    from synfer_ray.bundle import make_tiny_bundle
+    try:
+        manifest = make_tiny_bundle(path, seed=seed, resolution=resolution,
+                                    classes=taxonomy.expression_set(expressions), au_names=taxonomy.au_set(au_set))
+    except SynferError as error:
+        _fail(error)
+    typer.echo(f"wrote {path} (content hash {manifest.content_hash[:16]})")
+
+
+@bundle_app.command("init")
+def bundle_init(
+    path: Path = typer.Argument(..., help="Directory to write the bundle into."),
+    base: str = typer.Option(..., help="Stable Diffusion weights: a hub id or a diffusers directory."),
+    expressions: str = typer.Option("affectnet7", help="Class set: affectnet7 or affectnet8."),
+    au_set: str = typer.Option("fineface12", help="AU names: fineface12 or opengraphau41."),
+    resolution: int = typer.Option(512, help="Image size the base model generates."),
+) -> None:
+    """Start a bundle over existing SD weights with a fresh (untrained) AU adapter."""
+    from synfer_ray import taxonomy
+    from synfer_ray.bundle import init_bundle
+    try:
+        manifest = init_bundle(path, base, classes=taxonomy.expression_set(expressions),
+                               au_names=taxonomy.au_set(au_set), resolution=resolution)
+    except SynferError as error:
+        _fail(error)
+    typer.echo(f"wrote {path} over {base} (content hash {manifest.content_hash[:16]})")
+
+
+@bundle_app.command("info")
+def bundle_info(path: Path = typer.Argument(..., help="Bundle directory.")) -> None:
+    """Print a bundle's manifest after checking its content hash."""
+    from dataclasses import asdict
+
+    from synfer_ray.bundle import BundleManifest, content_hash
+    try:
+        manifest = BundleManifest.read(path)
+    except SynferError as error:
+        _fail(error)
+    intact = content_hash(path, manifest.base_model) == manifest.content_hash
+    typer.echo(json.dumps({**asdict(manifest), "intact": intact}, indent=2))
+    if not intact:
+        raise typer.Exit(code=1)
+
+
+def _parse_aus(pairs: list[str]) -> dict[str, float]:
+    aus = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            aus[name.strip()] = float(value)
+        except ValueError:
+            raise SynferError("--au", pair, "NAME=VALUE, e.g. --au AU12=0.8") from None
+        if not sep:
+            raise SynferError("--au", pair, "NAME=VALUE, e.g. --au AU12=0.8")
+    return aus
+
+
+@app.command("generate-one")
+def generate_one(
+    bundle: Path = typer.Option(..., help="Bundle directory."),
+    expression: str = typer.Option(..., help="Target expression, e.g. happy."),
+    out: Path = typer.Option(Path("samples"), help="Directory for the PNGs and provenance JSON."),
+    au: list[str] = typer.Option([], help="AU intensity NAME=VALUE, repeatable; default: the class prototype."),
+    prompt: Optional[str] = typer.Option(None, help="Caption; default: sampled from the seed."),
+    seed: int = typer.Option(0, help="Seed of the first image; image k uses seed + k."),
+    n: int = typer.Option(4, "-n", "--num-images", min=1, max=256, help="Number of images."),
+    steps: int = typer.Option(25, help="DDIM steps."),
+    cfg_scale: float = typer.Option(3.0, help="Classifier-free guidance scale (1 = off)."),
+    au_scale: float = typer.Option(1.0, help="Weight of the AU attention (0 = text only)."),
+    sg_scale: float = typer.Option(0.0, help="Semantic-guidance step size (0 = off)."),
+    sg_window: float = typer.Option(0.4, help="Fraction of late steps with semantic guidance."),
+    sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
+    reference: Optional[Path] = typer.Option(None, help="Reference face for layout initialisation."),
+) -> None:
+    """Write PNGs of one expression for a quick look, each with its full provenance."""
+    from synfer_ray.generate_one import generate_pngs
+    try:
+        written = generate_pngs(bundle, expression, out, aus=_parse_aus(au), prompt=prompt, seed=seed, n=n,
+                                steps=steps, cfg_scale=cfg_scale, au_scale=au_scale, sg_scale=sg_scale,
+                                sg_window=sg_window, sg_classifier=sg_classifier, reference=reference)
+    except SynferError as error:
+        _fail(error)
+    for path in written:
+        typer.echo(str(path))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""GuidedSampler: batched DDIM with classifier-free guidance on text + AUs, and semantic guidance.
+
+Each row is fully determined by (bundle, seed, prompt, AUs, target, settings): its starting noise
+comes from its own seeded generator, so a row's image does not depend on which rows share its batch
+beyond float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+
+from synfer_ray.bundle import Bundle
+from synfer_ray.errors import SynferError
+from synfer_ray.generator.guidance import guidance_steps, semantic_guidance_step
+from synfer_ray.generator.inversion import ddim_invert
+
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample. ``sg_scale`` 0 turns semantic guidance off; ``cfg_scale`` 1 turns CFG off."""
+
+    steps: int = 25
+    cfg_scale: float = 3.0
+    au_scale: float = 1.0
+    sg_scale: float = 0.0
+    sg_window: float = 0.4
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise SynferError("steps", self.steps, f"an integer in [1, {MAX_STEPS}]")
+        for name in ("cfg_scale", "au_scale", "sg_scale"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0:
+                raise SynferError(name, value, "a finite number >= 0")
+        if not 0 <= self.sg_window <= 1:
+            raise SynferError("sg_window", self.sg_window, "a fraction of the steps in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One image to make. ``aus`` follows the bundle's AU order; ``reference`` (H, W, 3 uint8) asks
+    for layout initialisation from its DDIM inversion."""
+
+    seed: int
+    prompt: str
+    aus: Sequence[float]
+    target: str | None = None
+    reference: np.ndarray | None = None
+
+
+class GuidedSampler:
+    """The SynFER sampler over a loaded :class:`Bundle`; pure PyTorch."""
+
+    def __init__(self, bundle: Bundle, sg_classifier: torch.nn.Module | None = None,
+                 sg_classes: Sequence[str] | None = None, device: str | torch.device = "cpu"):
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.dtype = bundle.unet.dtype
+        self.scheduler = DDIMScheduler.from_config(bundle.scheduler.config)
+        self.sg_classifier = sg_classifier if sg_classifier is not None else bundle.sg_classifier
+        if sg_classes is None and self.sg_classifier is not None:
+            sg_classes = getattr(self.sg_classifier, "classes", bundle.classes)
+        self.sg_classes = list(sg_classes) if sg_classes is not None else None
+        self._empty_prompt: torch.Tensor | None = None
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    def check(self, requests: Sequence[SampleRequest], settings: SamplerSettings) -> None:
+        """Raise :class:`SynferError` naming the field of the first bad request."""
+        n_aus = len(self.bundle.au_names)
+        size = self.bundle.manifest.resolution
+        for i, request in enumerate(requests):
+            if not isinstance(request.seed, (int, np.integer)) or request.seed < 0:
+                raise SynferError(f"rows[{i}].seed", request.seed, "an integer >= 0")
+            aus = np.asarray(request.aus, dtype=np.float64)
+            if aus.shape != (n_aus,):
+                raise SynferError(f"rows[{i}].aus", list(request.aus),
+                                  f"{n_aus} values, one per AU of the bundle: {list(self.bundle.au_names)}")
+            if not np.all((aus >= 0) & (aus <= 1)):
+                raise SynferError(f"rows[{i}].aus", list(request.aus), "intensities in [0, 1]")
+            if request.target is not None and request.target not in self.bundle.classes:
+                raise SynferError(f"rows[{i}].target", request.target, f"one of {list(self.bundle.classes)}")
+            if request.reference is not None and request.reference.shape != (size, size, 3):
+                raise SynferError(f"rows[{i}].reference", request.reference.shape,
+                                  f"an RGB uint8 image of shape ({size}, {size}, 3)")
+            if settings.sg_scale > 0:
+                if self.sg_classifier is None:
+                    raise SynferError("sg_scale", settings.sg_scale,
+                                      "0, or a bundle with sg_classifier/ or a --sg-classifier path")
+                if request.target not in (self.sg_classes or ()):
+                    raise SynferError(f"rows[{i}].target", request.target,
+                                      f"with semantic guidance, a class of the guiding classifier: {self.sg_classes}")
+
+    # --- components ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        tokens = self.bundle.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                       max_length=self.bundle.tokenizer.model_max_length, return_tensors="pt")
+        return self.bundle.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
+
+    def _uncond_text(self, batch: int) -> torch.Tensor:
+        if self._empty_prompt is None:
+            self._empty_prompt = self.encode_prompts([""])
+        return self._empty_prompt.expand(batch, -1, -1)
+
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Each row's starting latent from its own generator, exactly as diffusers draws it on CPU."""
+        config = self.bundle.unet.config
+        shape = (1, config.in_channels, config.sample_size, config.sample_size)
+        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=self.dtype)
+                 for s in seeds]
+        return torch.cat(noise).to(self.device) * self.scheduler.init_noise_sigma
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> RGB images in [0, 1], (batch, 3, H, W)."""
+        vae = self.bundle.vae
+        return (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """(batch, H, W, 3) uint8 -> clean latents (the posterior mean)."""
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.device, self.dtype)
+        vae = self.bundle.vae
+        return vae.encode(pixels / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
+
+    def _eps(self, latents, t, text, aus_tokens, au_scale) -> torch.Tensor:
+        context = torch.cat([text, aus_tokens], dim=1)
+        return self.bundle.unet(latents, t, encoder_hidden_states=context,
+                                cross_attention_kwargs={"au_scale": au_scale}).sample
+
+    def _au_tokens(self, aus: np.ndarray) -> torch.Tensor:
+        return self.bundle.au_adapter.encode(torch.as_tensor(aus, dtype=self.dtype, device=self.device))
+
+    # --- sampling --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def invert(self, images: np.ndarray, prompts: Sequence[str], aus: np.ndarray, steps: int,
+               au_scale: float = 1.0) -> torch.Tensor:
+        """DDIM inversion of (batch, H, W, 3) uint8 images under their own prompt and AUs (no CFG)."""
+        text = self.encode_prompts(prompts)
+        au_tokens = self._au_tokens(aus)
+        return ddim_invert(self.encode_images(images), self.scheduler, steps,
+                           lambda x, t: self._eps(x, t, text, au_tokens, au_scale))
+
+    def sample_latents(self, requests: Sequence[SampleRequest], settings: SamplerSettings,
+                       init_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """The final clean latents for ``requests``; ``init_latents`` replaces the seeded noise."""
+        self.check(requests, settings)
+        batch = len(requests)
+        aus = np.stack([np.asarray(r.aus, dtype=np.float32) for r in requests])
+        text = self.encode_prompts([r.prompt for r in requests])
+        with torch.no_grad():
+            au_cond = self._au_tokens(aus)
+            au_uncond = self._au_tokens(np.zeros_like(aus))  # zero AUs = unconditional (METHOD.md)
+        latents = self.initial_noise([r.seed for r in requests]) if init_latents is None else init_latents
+        references = [i for i, r in enumerate(requests) if r.reference is not None]
+        if references and init_latents is None:
+            ref_images = np.stack([requests[i].reference for i in references])
+            latents[references] = self.invert(ref_images, [requests[i].prompt for i in references],
+                                              aus[references], settings.steps, settings.au_scale)
+        use_cfg = settings.cfg_scale != 1.0
+        text_uncond = self._uncond_text(batch)
+        sg_at = guidance_steps(settings.steps, settings.sg_window) if settings.sg_scale > 0 else set()
+        targets = None
+        if sg_at:
+            targets = torch.tensor([self.sg_classes.index(r.target) for r in requests], device=self.device)
+        self.scheduler.set_timesteps(settings.steps)
+        for i, t in enumerate(self.scheduler.timesteps):
+            with torch.no_grad():
+                if use_cfg:
+                    both = self._eps(torch.cat([latents, latents]), t, torch.cat([text_uncond, text]),
+                                     torch.cat([au_uncond, au_cond]), settings.au_scale)
+                    eps_uncond, eps_cond = both.chunk(2)
+                else:
+                    eps_uncond, eps_cond = None, self._eps(latents, t, text, au_cond, settings.au_scale)
+
+            def guided(eps_text: torch.Tensor) -> torch.Tensor:
+                if eps_uncond is None:
+                    return eps_text
+                return eps_uncond + settings.cfg_scale * (eps_text - eps_uncond)
+
+            if i in sg_at:
+                text, _ = semantic_guidance_step(
+                    text, lambda c: guided(self._eps(latents, t, c, au_cond, settings.au_scale)),
+                    self.decode, self.sg_classifier, latents, self.scheduler.alphas_cumprod[t],
+                    targets, settings.sg_scale)
+                with torch.no_grad():
+                    eps_cond = self._eps(latents, t, text, au_cond, settings.au_scale)
+            with torch.no_grad():
+                latents = self.scheduler.step(guided(eps_cond), t, latents).prev_sample
+        return latents
+
+    def generate_float(self, requests: Sequence[SampleRequest], settings: SamplerSettings) -> torch.Tensor:
+        """RGB images in [0, 1] as (batch, 3, H, W) floats."""
+        latents = self.sample_latents(requests, settings)
+        with torch.no_grad():
+            return self.decode(latents)
+
+    def generate(self, requests: Sequence[SampleRequest], settings: SamplerSettings) -> np.ndarray:
+        """(batch, H, W, 3) uint8 images."""
+        images = self.generate_float(requests, settings)
+        return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()

@@ -1,0 +1,89 @@
+import json
+import shutil
+import time
+
+import pytest
+
+from synfer_ray import taxonomy
+from synfer_ray.bundle import MANIFEST_NAME, BundleManifest, content_hash, load_bundle, make_tiny_bundle
+from synfer_ray.errors import SynferError
+
+SD_LAYOUT = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+             "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json",
+             "scheduler/scheduler_config.json", "au_adapter/config.json",
+             "au_adapter/diffusion_pytorch_model.safetensors", MANIFEST_NAME]
+
+
+def test_tiny_bundle_has_the_diffusers_layout_and_no_pickles(tiny_bundle_path):
+    for relative in SD_LAYOUT:
+        assert (tiny_bundle_path / relative).is_file(), relative
+    suffixes = {p.suffix for p in tiny_bundle_path.rglob("*") if p.is_file()}
+    assert not suffixes & {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+
+
+def test_manifest_describes_the_bundle(tiny_bundle_path):
+    manifest = BundleManifest.read(tiny_bundle_path)
+    assert manifest.classes == taxonomy.AFFECTNET_7
+    assert manifest.au_names == taxonomy.FINEFACE_12
+    assert manifest.resolution == 48
+    assert {"torch", "diffusers", "transformers", "synfer_ray"} <= set(manifest.versions)
+    assert manifest.content_hash == content_hash(tiny_bundle_path)
+
+
+def test_make_tiny_is_deterministic(tmp_path, tiny_bundle_path):
+    manifest = make_tiny_bundle(tmp_path / "again", seed=0)
+    assert manifest.content_hash == BundleManifest.read(tiny_bundle_path).content_hash
+    assert make_tiny_bundle(tmp_path / "other", seed=1).content_hash != manifest.content_hash
+
+
+def test_loads_fast_with_real_from_pretrained(tiny_bundle_path):
+    start = time.perf_counter()
+    bundle = load_bundle(tiny_bundle_path)
+    assert time.perf_counter() - start < 10  # "a second or two"; generous for a loaded CI machine
+    assert bundle.unet.config.sample_size * 4 == bundle.manifest.resolution
+    assert not any(p.requires_grad for p in bundle.unet.parameters())
+    assert bundle.sg_classifier is not None and bundle.sg_classifier.classes == list(taxonomy.AFFECTNET_7)
+
+
+def test_diffusers_pipeline_loads_the_bundle_unchanged(tiny_bundle_path):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_bundle_path, safety_checker=None,
+                                                   requires_safety_checker=False)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+
+
+def test_tokenizer_spells_vocabulary_words_whole(tiny_bundle):
+    prompt = taxonomy.build_prompt(3, "happy")
+    tokens = tiny_bundle.tokenizer.tokenize(prompt)
+    assert len(tokens) == len(prompt.replace(",", " ,").replace("-", " - ").split())
+
+
+def test_missing_bundle_is_named(tmp_path):
+    with pytest.raises(SynferError, match=r"^bundle: .*nowhere.*existing directory"):
+        load_bundle(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SynferError, match=rf"bundle: .*no {MANIFEST_NAME}"):
+        load_bundle(tmp_path / "empty")
+
+
+def test_corrupt_weights_are_caught_by_the_hash(tmp_path, tiny_bundle_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle_path, copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SynferError, match="content hash.*corrupt"):
+        load_bundle(copy)
+    # Without the hash check the loader itself still names the broken component.
+    with pytest.raises(SynferError, match=r"^bundle/unet"):
+        load_bundle(copy, verify=False)
+
+
+def test_bad_manifest_is_named(tmp_path, tiny_bundle_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle_path, copy)
+    raw = json.loads((copy / MANIFEST_NAME).read_text())
+    del raw["au_names"]
+    (copy / MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(SynferError, match=rf"bundle/{MANIFEST_NAME}.*au_names"):
+        load_bundle(copy)

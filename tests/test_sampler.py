@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synfer_ray import taxonomy
+from synfer_ray.errors import SynferError
+from synfer_ray.generator.sampler import SampleRequest, SamplerSettings
+
+
+def rows(bundle, expression="sad", seeds=(0, 1, 2, 3)):
+    return [SampleRequest(seed=s, prompt=taxonomy.build_prompt(s, expression),
+                          aus=taxonomy.sample_target_aus(s, expression, bundle.au_names).tolist(),
+                          target=expression) for s in seeds]
+
+
+def test_same_row_same_bytes(sampler, tiny_bundle):
+    settings = SamplerSettings(steps=8, sg_scale=3.0)
+    first = sampler.generate(rows(tiny_bundle), settings)
+    again = sampler.generate(rows(tiny_bundle), settings)
+    assert first.shape == (4, 48, 48, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, again)
+    # A row depends on its batch neighbours only through float rounding.
+    alone = sampler.generate(rows(tiny_bundle, seeds=(2,)), settings)
+    assert np.abs(alone[0].astype(int) - first[2]).max() <= 1
+
+
+def test_seed_prompt_and_target_change_the_image(sampler, tiny_bundle):
+    settings = SamplerSettings(steps=8, sg_scale=3.0)
+    base = sampler.generate(rows(tiny_bundle, seeds=(5,)), settings)[0]
+    other_seed = sampler.generate(rows(tiny_bundle, seeds=(6,)), settings)[0]
+    row = rows(tiny_bundle, seeds=(5,))[0]
+    other_target = sampler.generate([SampleRequest(row.seed, row.prompt, row.aus, "happy")], settings)[0]
+    assert not np.array_equal(base, other_seed)
+    assert not np.array_equal(base, other_target)
+
+
+def test_matches_diffusers_stable_diffusion_pipeline(sampler, tiny_bundle, tiny_bundle_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_bundle_path, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    requests = rows(tiny_bundle)
+    peer = pipe([r.prompt for r in requests], num_inference_steps=12, guidance_scale=3.0, height=48, width=48,
+                generator=[torch.Generator().manual_seed(r.seed) for r in requests], output_type="np").images
+    ours = sampler.generate_float(requests, SamplerSettings(steps=12, cfg_scale=3.0, au_scale=0.0))
+    max_abs = np.abs(peer - ours.permute(0, 2, 3, 1).numpy()).max()
+    print(f"max abs pixel difference vs diffusers StableDiffusionPipeline: {max_abs:.2e}")
+    assert max_abs < 1e-5
+
+
+def test_au_scale_zero_is_text_only_and_au_scale_matters(sampler, tiny_bundle):
+    requests = rows(tiny_bundle)
+    zero_aus = [SampleRequest(r.seed, r.prompt, [0.0] * len(r.aus), r.target) for r in requests]
+    text_only = sampler.generate_float(requests, SamplerSettings(steps=8, au_scale=0.0))
+    # With au_scale 0 the AU values are ignored entirely.
+    assert torch.equal(text_only, sampler.generate_float(zero_aus, SamplerSettings(steps=8, au_scale=0.0)))
+    with_aus = sampler.generate_float(requests, SamplerSettings(steps=8, au_scale=1.0))
+    stronger = sampler.generate_float(requests, SamplerSettings(steps=8, au_scale=2.0))
+    assert (with_aus - text_only).abs().max() > 1e-2
+    assert (stronger - text_only).abs().mean() > (with_aus - text_only).abs().mean()
+
+
+def test_semantic_guidance_lowers_the_guides_loss(sampler, tiny_bundle):
+    classifier = tiny_bundle.sg_classifier
+    for expression in ("sad", "happy"):
+        requests = rows(tiny_bundle, expression, seeds=range(6))
+        targets = torch.tensor([classifier.classes.index(expression)] * len(requests))
+
+        def loss(sg_scale):
+            images = sampler.generate_float(requests, SamplerSettings(steps=10, sg_scale=sg_scale))
+            with torch.no_grad():
+                return F.cross_entropy(classifier(images), targets, reduction="none")
+
+        off, on = loss(0.0), loss(8.0)
+        print(f"{expression}: guide's CE without SG {off.mean():.4f}, with SG {on.mean():.4f}")
+        assert torch.all(on < off)
+
+
+def test_layout_initialisation_uses_the_reference(sampler, tiny_bundle):
+    settings = SamplerSettings(steps=6)
+    reference = sampler.generate(rows(tiny_bundle, seeds=(11,)), settings)[0]
+    row = rows(tiny_bundle, seeds=(3,))[0]
+    with_reference = SampleRequest(row.seed, row.prompt, row.aus, row.target, reference=reference)
+    images = sampler.generate([row, with_reference], settings)
+    assert not np.array_equal(images[0], images[1])
+    # The seed no longer matters once the start comes from the reference.
+    other_seed = SampleRequest(row.seed + 100, row.prompt, row.aus, row.target, reference=reference)
+    assert np.array_equal(sampler.generate([other_seed], settings), sampler.generate([with_reference], settings))
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(aus=[0.5] * 11), r"rows\[0\]\.aus"),
+    (dict(aus=[1.5] + [0.0] * 11), r"rows\[0\]\.aus.*\[0, 1\]"),
+    (dict(seed=-3), r"rows\[0\]\.seed"),
+    (dict(target="grumpy"), r"rows\[0\]\.target.*grumpy"),
+    (dict(reference=np.zeros((10, 10, 3), np.uint8)), r"rows\[0\]\.reference"),
+])
+def test_bad_rows_name_their_field(sampler, tiny_bundle, change, field):
+    row = rows(tiny_bundle, seeds=(0,))[0]
+    bad = SampleRequest(**{**row.__dict__, **change})
+    with pytest.raises(SynferError, match=field):
+        sampler.generate([bad], SamplerSettings(steps=2))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(cfg_scale=-1.0), "cfg_scale"),
+    (dict(au_scale=float("nan")), "au_scale"), (dict(sg_window=1.5), "sg_window"),
+])
+def test_bad_settings_name_their_field(kwargs, field):
+    with pytest.raises(SynferError, match=f"^{field}: "):
+        SamplerSettings(**kwargs)
+
+
+def test_semantic_guidance_needs_a_guide(tiny_bundle):
+    from synfer_ray.generator.sampler import GuidedSampler
+    bare = GuidedSampler(tiny_bundle)
+    bare.sg_classifier = None
+    with pytest.raises(SynferError, match="sg_scale.*sg_classifier"):
+        bare.generate(rows(tiny_bundle, seeds=(0,)), SamplerSettings(steps=2, sg_scale=1.0))
