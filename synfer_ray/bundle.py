@@ -112,7 +112,7 @@ class Bundle:
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Bundle":
         for module in (self.unet, self.vae, self.text_encoder, self.au_adapter, self.sg_classifier):
             if module is not None:
-                module.to(device=device, dtype=dtype)
+                module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
         return self
 
 

@@ -117,6 +117,82 @@ def generate_one(
         typer.echo(str(path))
 
 
+def _config_path(config: str | None) -> Path | None:
+    from synfer_ray.presets import preset_path
+    if config is None:
+        return None
+    return Path(config) if Path(config).exists() else (preset_path(config) or Path(config))
+
+
+@app.command("generate")
+def generate(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config path, or a preset name (tiny)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. count=1000 sampling.steps=30."),
+    overwrite: bool = typer.Option(False, help="Delete an output made by a different config first."),
+) -> None:
+    """Make (or finish) a labelled synthetic dataset: manifest -> generator -> labeler -> shards."""
+    from synfer_ray.config import GenerateConfig, load_config
+    from synfer_ray.generate import run_generate, summary_table
+    try:
+        parsed = load_config(GenerateConfig, _config_path(config), overrides or [])
+        card = run_generate(parsed, overwrite=overwrite)
+    except SynferError as error:
+        _fail(error)
+    typer.echo(summary_table(card))
+    typer.echo(f"dataset: {parsed.output}")
+    if card.get("mlflow_run_id"):
+        from synfer_ray.tracking import tracking_uri
+        typer.echo(f"mlflow run: {card['mlflow_run_id']} ({tracking_uri(parsed.tracking)})")
+
+
+@app.command("inspect")
+def inspect(path: str = typer.Argument(..., help="Dataset directory or URI.")) -> None:
+    """Print a dataset's card and verify every shard (checksums, row ranges)."""
+    from synfer_ray.generate import inspect_dataset, summary_table
+    try:
+        card, problems = inspect_dataset(path)
+    except SynferError as error:
+        _fail(error)
+    if card is not None:
+        typer.echo(summary_table(card))
+        typer.echo(f"bundle {card['bundle']['content_hash'][:16]}, {card['shards']} shards, "
+                   f"created {card['created']}")
+    for problem in problems:
+        typer.secho(f"problem: {problem}", fg=typer.colors.RED, err=True)
+    if problems:
+        raise typer.Exit(code=1)
+    typer.echo("all shards intact")
+
+
+@app.command("demo")
+def demo(
+    output: Path = typer.Option(Path("outputs/demo"), help="Where the bundle, dataset and MLflow store go."),
+    count: int = typer.Option(224, help="Images to generate."),
+) -> None:
+    """The main job on embedded defaults: local Ray, a tiny bundle, local MLflow, local output."""
+    from synfer_ray.bundle import MANIFEST_NAME, make_tiny_bundle
+    from synfer_ray.config import GenerateConfig, load_config
+    from synfer_ray.generate import run_generate, summary_table
+    from synfer_ray.presets import preset_path
+    bundle = output / "bundle"
+    if not (bundle / MANIFEST_NAME).is_file():
+        typer.echo(f"making a tiny random-weight bundle at {bundle}")
+        make_tiny_bundle(bundle)
+    dataset = output / "dataset"
+    overrides = [f"bundle={bundle}", f"output={dataset}", f"count={count}",
+                 f"labeling.voters=[{{path: {bundle / 'sg_classifier'}, name: bundle-guide}}]",
+                 f"tracking.uri=sqlite:///{(output / 'mlflow.db').resolve()}"]
+    try:
+        config = load_config(GenerateConfig, preset_path("tiny"), overrides)
+        card = run_generate(config)
+    except SynferError as error:
+        _fail(error)
+    typer.echo(summary_table(card))
+    typer.echo(f"dataset: {dataset} (read it with pyarrow.parquet.read_table('{dataset}/data'))")
+    typer.echo(f"report: {dataset}/report/contact_sheet.png")
+    typer.echo(f"mlflow: run {card['mlflow_run_id']} in sqlite:///{(output / 'mlflow.db').resolve()}")
+
+
 def main() -> None:
     app()
 

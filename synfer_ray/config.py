@@ -1,0 +1,180 @@
+"""Typed job configs, read from YAML plus dotted ``key.sub=value`` overrides, validated once here.
+
+Validation errors become :class:`SynferError` naming the dotted field, so a bad config fails before
+any cluster work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from synfer_ray.errors import SynferError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolConfig(_Strict):
+    """An actor pool: sizes, per-actor resources and the batch each call takes."""
+
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    torch_threads: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+class AUSamplingConfig(_Strict):
+    mode: Literal["prototype"] = "prototype"
+    jitter: float = Field(0.1, ge=0, le=1)
+    extra_probability: float = Field(0.05, ge=0, le=1)
+    extra_max: float = Field(0.3, ge=0, le=1)
+
+
+class SamplingConfig(_Strict):
+    steps: int = Field(25, ge=1, le=1000)
+    cfg_scale: float = Field(3.0, ge=0)
+    au_scale: float = Field(1.0, ge=0)
+    sg_scale: float = Field(0.0, ge=0)
+    sg_window: float = Field(0.4, ge=0, le=1)
+    sg_classifier: str | None = None
+
+
+class VoterConfig(_Strict):
+    path: str
+    weight: float = Field(1.0, gt=0)
+    name: str | None = None
+
+
+class LabelingConfig(_Strict):
+    """The pseudo-label ensemble; with no voters every row keeps its target as its label."""
+
+    voters: list[VoterConfig] = []
+    tau: float = Field(0.5, ge=0, le=1)
+    require_target_agreement: bool = False
+    keep_rejected: bool = True
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    # Logical CPUs for a local cluster; Train+Data and Data resume hang with only 2 (RAY-2.60.md).
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = False
+    uri: str | None = None
+    experiment: str = "synfer"
+
+
+class GenerateConfig(_Strict):
+    bundle: str
+    output: str
+    count: int = Field(..., ge=1)
+    seed: int = Field(0, ge=0)
+    class_mix: dict[str, float] | None = None
+    aus: AUSamplingConfig = AUSamplingConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    labeling: LabelingConfig = LabelingConfig()
+    rows_per_shard: int = Field(256, ge=1)
+    generator: PoolConfig = PoolConfig()
+    labeler: PoolConfig = PoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=64)
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("class_mix")
+    @classmethod
+    def _mix_sums_to_one(cls, mix):
+        if mix is None:
+            return mix
+        for name, weight in mix.items():
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {weight}")
+        total = sum(mix.values())
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"weights must sum to 1 (they sum to {total:g})")
+        return mix
+
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def parse_value(text: str) -> Any:
+    """An override's value as YAML would read it (numbers, booleans, lists, null)."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``["sampling.steps=10", "count=64"]`` applied to a nested dict (copied)."""
+    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise SynferError("override", override, "KEY=VALUE with a dotted key, e.g. sampling.steps=10")
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SynferError(key, override, f"a key inside a section; {part!r} is a value")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return result
+
+
+_BOUNDS = {"greater_than_equal": ">= {ge}", "greater_than": "> {gt}", "less_than_equal": "<= {le}",
+           "less_than": "< {lt}"}
+
+
+def _first_error(error: ValidationError) -> SynferError:
+    first = error.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "config"
+    kind, value = first["type"], first.get("input")
+    message = first["msg"].removeprefix("Value error, ")
+    if kind in _BOUNDS:
+        message = "a number " + _BOUNDS[kind].format(**first.get("ctx", {}))
+    elif kind == "extra_forbidden":
+        message = "no such setting; check the spelling against the example configs in configs/"
+    elif kind == "missing":
+        message, value = "a value (this setting is required)", None
+    else:
+        message = message[0].lower() + message[1:]
+    return SynferError(field, value, message)
+
+
+def build_config(model: type[Config], raw: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
+    try:
+        return model.model_validate(apply_overrides(raw, overrides))
+    except ValidationError as error:
+        raise _first_error(error) from None
+
+
+def load_config(model: type[Config], path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path`` (YAML), apply overrides, validate into ``model``."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SynferError("--config", str(path), "an existing YAML file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise SynferError("--config", str(path), f"valid YAML ({error})") from None
+        if not isinstance(raw, dict):
+            raise SynferError("--config", str(path), "a YAML mapping of settings at the top level")
+    return build_config(model, raw, overrides)

@@ -1,0 +1,1 @@
+"""Data formats: the seeded manifest, labelled faces, and dataset shards."""

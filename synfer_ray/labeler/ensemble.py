@@ -1,0 +1,73 @@
+"""PseudoLabeler: every voter classifies the stored images; rectification turns the votes into labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from synfer_ray.images import decode_rgb
+from synfer_ray.labeler.rectify import align_probabilities, rectify
+
+
+@dataclass
+class Voter:
+    name: str
+    model: torch.nn.Module  # RGB [0, 1] (batch, 3, H, W) -> logits
+    classes: Sequence[str]
+    weight: float = 1.0
+
+
+class PseudoLabeler:
+    def __init__(self, voters: Sequence[Voter], classes: Sequence[str], tau: float = 0.5,
+                 require_target_agreement: bool = False, batch_size: int = 64):
+        self.voters = list(voters)
+        self.classes = list(classes)
+        self.tau = tau
+        self.require_target_agreement = require_target_agreement
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(voters, rows, dataset classes) probabilities for (rows, H, W, 3) uint8 images."""
+        votes = []
+        for voter in self.voters:
+            chunks = []
+            for start in range(0, len(images), self.batch_size):
+                pixels = torch.from_numpy(images[start:start + self.batch_size]).permute(0, 3, 1, 2).float() / 255
+                chunks.append(torch.softmax(voter.model(pixels), dim=1).numpy())
+            votes.append(align_probabilities(np.concatenate(chunks), voter.classes, self.classes, voter.name))
+        return np.stack(votes)
+
+    def label_table(self, table: pa.Table) -> pa.Table:
+        """Append votes, soft label, final label, confidence and the accepted flag to ``table``."""
+        n = table.num_rows
+        targets = np.asarray(table.column("target_index").to_numpy(), dtype=np.int64)
+        if self.voters:
+            images = np.stack([decode_rgb(data) for data in table.column("image").to_pylist()])
+            votes = self.probabilities(images)
+            result = rectify(votes, [v.weight for v in self.voters], self.tau, targets,
+                             self.require_target_agreement)
+            soft, label, confidence, accepted = (result.soft_label, result.label_index, result.confidence,
+                                                 result.accepted)
+        else:  # no voters: the target is the label, as in a plain conditional generator
+            votes = np.zeros((0, n, len(self.classes)), np.float32)
+            soft = np.eye(len(self.classes), dtype=np.float32)[targets]
+            label, confidence, accepted = targets, np.ones(n, np.float32), np.ones(n, bool)
+        names = [v.name for v in self.voters]
+        columns = {
+            "voters": pa.array([names] * n, pa.list_(pa.string())),
+            "votes": pa.array([votes[:, i].tolist() for i in range(n)],
+                              pa.list_(pa.list_(pa.float32()))),
+            "soft_label": pa.array(list(soft.astype(np.float32)), pa.list_(pa.float32())),
+            "label": pa.array([self.classes[i] for i in label], pa.string()),
+            "label_index": pa.array(label, pa.int32()),
+            "confidence": pa.array(confidence, pa.float32()),
+            "accepted": pa.array(accepted, pa.bool_()),
+        }
+        for name, column in columns.items():
+            table = table.append_column(name, column)
+        return table

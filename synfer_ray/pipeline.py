@@ -1,0 +1,150 @@
+"""Ray Data: shard items -> GenerateShard actors -> LabelShard actors -> shard-writer tasks.
+
+A shard is the unit of work, retry and resume: each stage takes whole shards (one item per shard,
+its rows as Arrow IPC bytes), so a retried task redoes exactly one shard and a shard is committed
+only when all of its rows are made and labelled. Stages stream: shard 0 can be on disk while
+shard 9 is still being sampled, and Ray's backpressure bounds what is in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from synfer_ray.config import LabelingConfig, PoolConfig, RayConfig
+from synfer_ray.data.manifest import ManifestSpec, manifest_rows
+from synfer_ray.data.shards import ShardPlan, ShardStore
+from synfer_ray.generator.sampler import SamplerSettings
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """Everything a worker needs, as plain values (validated before any Ray work)."""
+
+    bundle: str
+    output: str
+    spec: ManifestSpec
+    plan: ShardPlan
+    settings: SamplerSettings
+    sg_classifier: str | None
+    labeling: LabelingConfig
+    generator: PoolConfig
+    labeler: PoolConfig
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
+
+
+def _device(pool: PoolConfig) -> str:
+    return "cuda" if pool.num_gpus > 0 else "cpu"
+
+
+class GenerateShard:
+    """Actor: loads the bundle once, then turns shard items into tables of images."""
+
+    def __init__(self, job: GenerateJob):
+        import torch
+
+        from synfer_ray.bundle import load_bundle
+        from synfer_ray.generator.sampler import GuidedSampler
+        torch.set_num_threads(job.generator.torch_threads)
+        self.job = job
+        device = _device(job.generator)
+        bundle = load_bundle(job.bundle, verify=False, sg_classifier=job.sg_classifier).to(device)
+        self.sampler = GuidedSampler(bundle, device=device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from synfer_ray.generator.rows import generate_rows
+        tables, seconds = [], []
+        for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
+            began = time.perf_counter()
+            rows = manifest_rows(self.job.spec, int(start), int(stop))
+            table = generate_rows(self.sampler, rows, self.job.settings, self.job.generator.batch_size, int(shard))
+            tables.append(to_ipc(table))
+            seconds.append(time.perf_counter() - began)
+        return {"shard": batch["shard"], "table": np.array(tables, dtype=object),
+                "seconds": np.array(seconds)}
+
+
+class LabelShard:
+    """Actor: loads the voters once, then appends votes and rectified labels to each shard."""
+
+    def __init__(self, job: GenerateJob):
+        import torch
+
+        from synfer_ray.classifiers import load_classifier
+        from synfer_ray.labeler.ensemble import PseudoLabeler, Voter
+        torch.set_num_threads(job.labeler.torch_threads)
+        voters = []
+        for index, voter in enumerate(job.labeling.voters):
+            model = load_classifier(voter.path, field=f"labeling.voters[{index}].path").to(_device(job.labeler))
+            voters.append(Voter(voter.name or os.path.basename(voter.path.rstrip("/")), model, model.classes,
+                                voter.weight))
+        self.labeler = PseudoLabeler(voters, job.spec.classes, job.labeling.tau,
+                                     job.labeling.require_target_agreement, job.labeler.batch_size)
+        self.keep_rejected = job.labeling.keep_rejected
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tables, seconds = [], []
+        for data, generate_seconds in zip(batch["table"], batch["seconds"]):
+            began = time.perf_counter()
+            table = self.labeler.label_table(from_ipc(data))
+            if not self.keep_rejected:
+                table = table.filter(table.column("accepted"))
+            tables.append(to_ipc(table))
+            seconds.append(generate_seconds + time.perf_counter() - began)
+        return {"shard": batch["shard"], "table": np.array(tables, dtype=object), "seconds": np.array(seconds)}
+
+
+def write_shards(batch: dict[str, np.ndarray], job: GenerateJob) -> dict[str, np.ndarray]:
+    """Task: commit each finished shard atomically; return its record for the driver."""
+    store = ShardStore(job.output)
+    records = [store.commit_shard(job.plan, int(shard), from_ipc(data), float(seconds))
+               for shard, data, seconds in zip(batch["shard"], batch["table"], batch["seconds"])]
+    return {key: np.array([r[key] for r in records]) for key in ("shard", "rows", "bytes", "seconds")}
+
+
+def ensure_ray(config: RayConfig) -> None:
+    """Attach to the cluster in ``config.address`` / ``RAY_ADDRESS``, or start a local one."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=config.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+
+
+def run_shards(job: GenerateJob, shards: list[int]) -> Iterator[dict]:
+    """Generate, label and commit ``shards``; yield each shard's record as it lands."""
+    import ray
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    items = [{"shard": k, "start": job.plan.rows(k)[0], "stop": job.plan.rows(k)[1]} for k in shards]
+    gen, lab = job.generator, job.labeler
+    dataset = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(GenerateShard, batch_size=1, fn_constructor_kwargs={"job": job},
+                     compute=ray.data.ActorPoolStrategy(min_size=gen.min_actors, max_size=gen.max_actors),
+                     num_cpus=gen.num_cpus, num_gpus=gen.num_gpus)
+        .map_batches(LabelShard, batch_size=1, fn_constructor_kwargs={"job": job},
+                     compute=ray.data.ActorPoolStrategy(min_size=lab.min_actors, max_size=lab.max_actors),
+                     num_cpus=lab.num_cpus, num_gpus=lab.num_gpus)
+        .map_batches(write_shards, batch_size=1, fn_kwargs={"job": job}, num_cpus=0.25)
+    )
+    yield from dataset.iter_rows()

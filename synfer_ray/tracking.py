@@ -1,0 +1,67 @@
+"""MLflow: one run per job, with params, metrics and artifacts; a local SQLite store by default."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from synfer_ray.config import TrackingConfig
+
+
+def tracking_uri(config: TrackingConfig) -> str:
+    """The configured URI, else ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working directory."""
+    return config.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+class Run:
+    """A thin handle over an active MLflow run (or nothing, when tracking is off)."""
+
+    def __init__(self, mlflow_module=None, run_id: str | None = None, uri: str | None = None):
+        self._mlflow = mlflow_module
+        self.run_id = run_id
+        self.uri = uri
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self._mlflow:
+            flat = {k: str(v)[:6000] for k, v in _flatten("", params, {}).items()}
+            self._mlflow.log_params(flat)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._mlflow:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        if self._mlflow and Path(directory).is_dir():
+            self._mlflow.log_artifacts(str(directory), artifact_path)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self._mlflow and Path(path).is_file():
+            self._mlflow.log_artifact(str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self._mlflow:
+            self._mlflow.set_tags(tags)
+
+
+@contextlib.contextmanager
+def start_run(config: TrackingConfig, run_name: str) -> Iterator[Run]:
+    if not config.enabled:
+        yield Run()
+        return
+    import mlflow
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(config.experiment)
+    with mlflow.start_run(run_name=run_name) as active:
+        yield Run(mlflow, active.info.run_id, uri)
