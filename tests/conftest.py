@@ -28,3 +28,27 @@ def tiny_bundle(tiny_bundle_path):
 @pytest.fixture(scope="session")
 def sampler(tiny_bundle) -> GuidedSampler:
     return GuidedSampler(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session (4 logical CPUs: 2 deadlock Train+Data)."""
+    import os
+
+    import ray
+    # Hermetic: no token written to the user's home by a test cluster (issue-7 tests set their own).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def second_voter(tmp_path_factory) -> Path:
+    """A second FER classifier (other seed) so the labeler's ensemble has two voters."""
+    from synfer_ray import taxonomy
+    from synfer_ray.classifiers import tiny_resnet
+    path = tmp_path_factory.mktemp("voters") / "voter-b"
+    tiny_resnet(list(taxonomy.AFFECTNET_7), seed=11).save_pretrained(path)
+    return path

@@ -1,0 +1,192 @@
+"""The generate job end to end on a real local Ray cluster, and its refusals before any Ray work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from synfer_ray import generate as generate_module
+from synfer_ray.config import GenerateConfig, build_config
+from synfer_ray.data.shards import CONFIG_NAME, ShardPlan, ShardStore
+from synfer_ray.errors import SynferError
+from synfer_ray.generate import inspect_dataset, prepare, run_generate
+
+COUNT, PER_SHARD = 40, 16  # three shards, the last one short
+
+
+def raw_config(bundle: Path, output: Path, voters=()) -> dict:
+    return {
+        "bundle": str(bundle), "output": str(output), "count": COUNT, "seed": 3, "rows_per_shard": PER_SHARD,
+        "sampling": {"steps": 4, "sg_scale": 2.0},
+        "labeling": {"voters": [{"path": str(v)} for v in voters], "tau": 0.2},
+        "generator": {"min_actors": 2, "max_actors": 2, "num_cpus": 1, "batch_size": 8, "torch_threads": 1},
+        "labeler": {"min_actors": 1, "max_actors": 1, "num_cpus": 0.5},
+        "tracking": {"enabled": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def voters(tiny_bundle_path, second_voter):
+    return [tiny_bundle_path / "sg_classifier", second_voter]
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, tiny_bundle_path, voters, tmp_path_factory):
+    output = tmp_path_factory.mktemp("gen") / "first"
+    config = build_config(GenerateConfig, raw_config(tiny_bundle_path, output, voters))
+    card = run_generate(config, progress=False)
+    return output, card
+
+
+def images_by_id(output: Path) -> dict[int, bytes]:
+    table = pq.read_table(output / "data", columns=["sample_id", "image"])
+    return dict(zip(table.column("sample_id").to_pylist(), table.column("image").to_pylist()))
+
+
+@pytest.mark.slow
+def test_dataset_reads_back_with_every_provenance_column(first_run, ray_cluster):
+    import ray
+    output, card = first_run
+    table = pq.read_table(output / "data")
+    assert table.num_rows == COUNT and card["rows"] == COUNT
+    assert sorted(table.column("sample_id").to_pylist()) == list(range(COUNT))
+    for column in ("image", "sample_id", "seed", "prompt", "au_names", "aus", "target", "voters", "votes",
+                   "soft_label", "label", "confidence", "accepted", "bundle_hash", "steps", "cfg_scale",
+                   "au_scale", "sg_scale"):
+        assert column in table.column_names, column
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["image"].startswith(b"\x89PNG") and len(row["aus"]) == len(row["au_names"]) == 12
+    assert len(row["votes"]) == 2 and len(row["votes"][0]) == 7 and row["voters"][0] == "sg_classifier"
+    assert abs(sum(row["soft_label"]) - 1) < 1e-5 and row["label"] in card["classes"]
+    assert row["accepted"] == (row["confidence"] >= 0.2)
+    assert sum(card["counts"]["target"].values()) == COUNT
+    # Ray Data reads the same directory (the _-prefixed bookkeeping is skipped).
+    assert ray.data.read_parquet(str(output / "data")).count() == COUNT
+    assert (output / "report" / "contact_sheet.png").stat().st_size > 1000
+    assert (output / "report" / "confidence_histograms.png").stat().st_size > 1000
+    _, problems = inspect_dataset(str(output))
+    assert problems == []
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_run_then_rerun_gives_the_same_dataset(first_run, ray_cluster, tiny_bundle_path,
+                                                                   voters, tmp_path):
+    """A driver SIGKILLed after its first shard landed; the rerun makes only the rest, and every
+    image is byte-identical to an uninterrupted run of the same config."""
+    reference, _ = first_run
+    output = tmp_path / "killed"
+    config_path = tmp_path / "gen.yaml"
+    config_path.write_text(yaml.safe_dump(raw_config(tiny_bundle_path, output, voters)))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen([sys.executable, "-m", "synfer_ray.cli", "generate", "--config", str(config_path),
+                               f"ray.address={ray_cluster}", "generator.max_actors=1", "generator.min_actors=1"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    plan = ShardPlan(COUNT, PER_SHARD)
+    store = ShardStore(str(output))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and driver.poll() is None and not store.committed(plan):
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    survivors = store.committed(plan)
+    assert 0 < len(survivors) < plan.num_shards, "the kill should land mid-run"
+    before = {k: (output / "data" / plan.file_name(k)).read_bytes() for k in survivors}
+
+    card = run_generate(build_config(GenerateConfig, raw_config(tiny_bundle_path, output, voters)),
+                        progress=False)
+    assert card["timing"]["rows_made_this_run"] == COUNT - sum(plan.rows(k)[1] - plan.rows(k)[0]
+                                                                for k in survivors)
+    for k, data in before.items():  # finished shards were not redone
+        assert (output / "data" / plan.file_name(k)).read_bytes() == data
+    assert images_by_id(output) == images_by_id(reference)
+    assert not list((output / "data").glob(".*")) and inspect_dataset(str(output))[1] == []
+
+
+def _generator_actor_pids() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "GenerateShard" in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+def test_generator_actor_killed_mid_run_loses_no_rows(first_run, ray_cluster, tiny_bundle_path, voters,
+                                                      tmp_path):
+    reference, _ = first_run
+    output = tmp_path / "actor-killed"
+    config = build_config(GenerateConfig, raw_config(tiny_bundle_path, output, voters))
+    store, plan = ShardStore(str(output)), ShardPlan(COUNT, PER_SHARD)
+    killed: list[int] = []
+    earlier = set(_generator_actor_pids())  # actors of earlier runs on this cluster may still be exiting
+
+    def kill_one_generator_when_busy():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            pids = [pid for pid in _generator_actor_pids() if pid not in earlier]
+            if pids and store.exists(CONFIG_NAME) and not store.committed(plan):
+                time.sleep(3)  # let it load the bundle and start sampling
+                try:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                except ProcessLookupError:
+                    earlier.add(pids[0])
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_one_generator_when_busy, daemon=True)
+    killer.start()
+    card = run_generate(config, progress=False)
+    killer.join(timeout=5)
+    assert killed, "no generator actor was found to kill"
+    assert card["rows"] == COUNT and len(store.committed(plan)) == plan.num_shards
+    assert images_by_id(output) == images_by_id(reference)
+
+
+def test_changed_config_is_refused_and_overwrite_replaces(first_run, tiny_bundle_path, voters, tmp_path):
+    output = tmp_path / "claimed"
+    prepare(build_config(GenerateConfig, raw_config(tiny_bundle_path, output, voters)))
+    changed = raw_config(tiny_bundle_path, output, voters)
+    changed["sampling"]["steps"] = 5
+    with pytest.raises(SynferError, match=r"output: .*different sampling.*--overwrite"):
+        prepare(build_config(GenerateConfig, changed))
+    # Pool sizes may change between a run and its resumption.
+    resized = raw_config(tiny_bundle_path, output, voters)
+    resized["generator"]["max_actors"] = 4
+    prepare(build_config(GenerateConfig, resized))
+    prepare(build_config(GenerateConfig, changed), overwrite=True)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda c: c.update(count=-5), "count"),
+    (lambda c: c.update(class_mix={"happy": 0.5, "grumpy": 0.5}), "class_mix"),
+    (lambda c: c.update(class_mix={"happy": 0.5, "sad": 0.4}), "class_mix"),
+    (lambda c: c.update(bundle="/nonexistent/bundle"), "bundle"),
+    (lambda c: c["sampling"].update(steps=0), "sampling.steps"),
+    (lambda c: c["labeling"].update(voters=[{"path": "/nonexistent/voter"}]), r"labeling.voters\[0\].path"),
+    (lambda c: c.update(colour="blue"), "colour"),
+])
+def test_bad_configs_fail_before_any_ray_work(monkeypatch, tiny_bundle_path, tmp_path, change, field):
+    monkeypatch.setattr(generate_module, "ensure_ray", lambda *_: pytest.fail("Ray was started"))
+    raw = raw_config(tiny_bundle_path, tmp_path / "out", ())
+    change(raw)
+    with pytest.raises(SynferError, match=rf"^{field}: "):
+        run_generate(build_config(GenerateConfig, raw), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_is_named(monkeypatch, tiny_bundle_path, tmp_path):
+    monkeypatch.setattr(generate_module, "ensure_ray", lambda *_: pytest.fail("Ray was started"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    raw = raw_config(tiny_bundle_path, blocker / "dataset", ())
+    with pytest.raises(SynferError, match="^output: .*can write"):
+        run_generate(build_config(GenerateConfig, raw), progress=False)
+    assert blocker.read_text() == "not a directory"
