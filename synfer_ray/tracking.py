@@ -24,6 +24,13 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _artifact_root(uri: str, experiment: str) -> str | None:
+    """Beside a local SQLite store, not in whatever directory the job happened to start in."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
+    return None  # a tracking server decides
+
+
 class Run:
     """A thin handle over an active MLflow run (or nothing, when tracking is off)."""
 
@@ -62,6 +69,8 @@ def start_run(config: TrackingConfig, run_name: str) -> Iterator[Run]:
     import mlflow
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(config.experiment) is None:
+        mlflow.create_experiment(config.experiment, artifact_location=_artifact_root(uri, config.experiment))
     mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=run_name) as active:
         yield Run(mlflow, active.info.run_id, uri)

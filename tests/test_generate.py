@@ -44,8 +44,9 @@ def voters(tiny_bundle_path, second_voter):
 @pytest.fixture(scope="module")
 def first_run(ray_cluster, tiny_bundle_path, voters, tmp_path_factory):
     output = tmp_path_factory.mktemp("gen") / "first"
-    config = build_config(GenerateConfig, raw_config(tiny_bundle_path, output, voters))
-    card = run_generate(config, progress=False)
+    raw = raw_config(tiny_bundle_path, output, voters)
+    raw["tracking"] = {"enabled": True, "uri": f"sqlite:///{output.parent / 'mlflow.db'}", "experiment": "t"}
+    card = run_generate(build_config(GenerateConfig, raw), progress=False)
     return output, card
 
 
@@ -77,6 +78,18 @@ def test_dataset_reads_back_with_every_provenance_column(first_run, ray_cluster)
     assert (output / "report" / "confidence_histograms.png").stat().st_size > 1000
     _, problems = inspect_dataset(str(output))
     assert problems == []
+
+
+@pytest.mark.slow
+def test_run_is_tracked_in_mlflow(first_run):
+    from mlflow.tracking import MlflowClient
+    output, card = first_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{output.parent / 'mlflow.db'}")
+    run = client.get_run(card["mlflow_run_id"])
+    assert run.data.metrics["rows"] == COUNT
+    assert run.data.params["config.count"] == str(COUNT)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/contact_sheet.png", "report/confidence_histograms.png"} <= artifacts
 
 
 @pytest.mark.slow
