@@ -68,3 +68,45 @@ def load_classifier(source: str | Path, field: str = "classifier") -> FERClassif
                                               f"image classifier with safetensors weights ({error})") from error
     image_size = getattr(model.config, "synfer_image_size", None) or getattr(model.config, "image_size", 224)
     return FERClassifier(model, int(image_size)).eval()
+
+
+def _backbone_config(arch: str, classes: Sequence[str], image_size: int):
+    from transformers import ConvNextConfig, ViTConfig
+    labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
+              "label2id": {c: i for i, c in enumerate(classes)}}
+    if arch == "small_cnn":
+        return ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
+                            layer_type="basic", **labels)
+    if arch == "resnet18":
+        return ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                            layer_type="basic", **labels)
+    if arch == "resnet50":
+        return ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
+                            layer_type="bottleneck", **labels)
+    if arch == "vit_b":
+        return ViTConfig(image_size=image_size, patch_size=16 if image_size >= 96 else 8, **labels)
+    if arch == "convnext_t":
+        return ConvNextConfig(depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768], **labels)
+    raise SynferError("model.arch", arch, f"one of {list(ARCHITECTURES)}")
+
+
+ARCHITECTURES = ("small_cnn", "resnet18", "resnet50", "vit_b", "convnext_t")
+
+
+def build_classifier(arch: str, classes: Sequence[str], image_size: int, pretrained: str | None = None,
+                     seed: int = 0) -> FERClassifier:
+    """A backbone from its transformers config (random init), or ``pretrained`` weights with a new
+    head over ``classes`` when the label sets differ."""
+    if pretrained:
+        labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
+                  "label2id": {c: i for i, c in enumerate(classes)}}
+        try:
+            model = AutoModelForImageClassification.from_pretrained(pretrained, ignore_mismatched_sizes=True,
+                                                                    **labels)
+        except (OSError, ValueError) as error:
+            raise SynferError("model.pretrained", pretrained, f"a transformers image classifier path or hub id "
+                                                              f"({error})") from error
+        return FERClassifier(model, image_size)
+    torch.manual_seed(seed)
+    return FERClassifier(AutoModelForImageClassification.from_config(_backbone_config(arch, classes, image_size)),
+                         image_size)

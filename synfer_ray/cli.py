@@ -164,6 +164,49 @@ def inspect(path: str = typer.Argument(..., help="Dataset directory or URI.")) -
     typer.echo("all shards intact")
 
 
+@app.command("train")
+def train(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config path."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. optim.epochs=5 scaling.num_workers=4."),
+    overwrite: bool = typer.Option(False, help="Replace a finished run in the same output."),
+) -> None:
+    """Train a FER classifier on Ray Train + DeepSpeed, evaluate it on real faces, track it in MLflow."""
+    from synfer_ray.config import TrainConfig, load_config
+    from synfer_ray.evaluate import format_report
+    from synfer_ray.train.fer import run_train
+    try:
+        parsed = load_config(TrainConfig, _config_path(config), overrides or [])
+        summary = run_train(parsed, overwrite=overwrite)
+    except SynferError as error:
+        _fail(error)
+    typer.echo(f"best epoch {summary['best_epoch']}: val accuracy {summary['best_val_accuracy']:.4f}")
+    if "test" in summary:
+        typer.echo("test: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items() if isinstance(v, float)))
+    typer.echo(f"model: {summary['model']}")
+    if summary.get("mlflow_run_id"):
+        from synfer_ray.tracking import tracking_uri
+        typer.echo(f"mlflow run: {summary['mlflow_run_id']} ({tracking_uri(parsed.tracking)})")
+
+
+@app.command("evaluate")
+def evaluate(
+    model: Path = typer.Argument(..., help="A saved classifier directory (e.g. OUTPUT/model)."),
+    data: str = typer.Argument(..., help="Labelled faces: Parquet file/directory or a synfer dataset."),
+    out: Optional[Path] = typer.Option(None, help="Write eval_report.json/.txt and confusion_matrix.png here."),
+) -> None:
+    """Accuracy, UAR, macro-F1, per-class table and confusion matrix of a model on labelled faces."""
+    from synfer_ray.evaluate import format_report, write_report
+    from synfer_ray.train.fer import evaluate_model
+    try:
+        report = evaluate_model(model, data)
+    except SynferError as error:
+        _fail(error)
+    typer.echo(format_report(report))
+    if out:
+        for path in write_report(report, out):
+            typer.echo(str(path))
+
+
 @app.command("demo")
 def demo(
     output: Path = typer.Option(Path("outputs/demo"), help="Where the bundle, dataset and MLflow store go."),

@@ -178,3 +178,66 @@ def load_config(model: type[Config], path: str | Path | None, overrides: Sequenc
         if not isinstance(raw, dict):
             raise SynferError("--config", str(path), "a YAML mapping of settings at the top level")
     return build_config(model, raw, overrides)
+
+
+class SourceConfig(_Strict):
+    path: str
+    limit: int | None = Field(None, ge=1)  # a seeded random subset of this many rows
+    accepted_only: bool = True  # synfer datasets: train on accepted rows only
+
+
+class AugmentConfig(_Strict):
+    crop_padding: int = Field(4, ge=0)
+    flip: bool = True
+    color_jitter: float = Field(0.2, ge=0, le=1)
+
+
+class TrainDataConfig(_Strict):
+    train: list[SourceConfig] = Field(..., min_length=1)
+    validation: SourceConfig | None = None
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # used when no validation source is given
+    test: SourceConfig | None = None  # real held-out faces, evaluated after training
+    labels: Literal["hard", "soft"] = "hard"
+    class_balanced_loss: bool = False
+    image_size: int = Field(48, ge=8)
+    augment: AugmentConfig = AugmentConfig()
+
+
+class ModelConfig(_Strict):
+    arch: Literal["small_cnn", "resnet18", "resnet50", "vit_b", "convnext_t"] = "small_cnn"
+    pretrained: str | None = None
+    expressions: str = "affectnet7"
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)  # per worker
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 only where the hardware has it
+    early_stopping_patience: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+    max_failures: int = Field(2, ge=0)
+
+
+class TrainConfig(_Strict):
+    name: str = "fer"
+    output: str
+    data: TrainDataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig(enabled=True, experiment="synfer-train")
+    register_as: str | None = "synfer-fer"  # MLflow registered-model name; null to skip

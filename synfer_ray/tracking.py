@@ -56,6 +56,21 @@ class Run:
         if self._mlflow and Path(path).is_file():
             self._mlflow.log_artifact(str(path), artifact_path)
 
+    def register_model(self, name: str, artifact_path: str, tags: dict[str, str]) -> dict | None:
+        """Register the files under ``artifact_path`` of this run as a new version of ``name``."""
+        if not self._mlflow:
+            return None
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(self.uri)
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            pass  # it exists: add a version
+        source = f"{self._mlflow.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = client.create_model_version(name, source, run_id=self.run_id, tags=tags)
+        return {"name": name, "version": version.version, "source": source}
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._mlflow:
             self._mlflow.set_tags(tags)

@@ -52,3 +52,38 @@ def second_voter(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("voters") / "voter-b"
     tiny_resnet(list(taxonomy.AFFECTNET_7), seed=11).save_pretrained(path)
     return path
+
+
+def separable_faces(per_class: int, seed: int, corrupt: int = 0):
+    """Labelled 48x48 grey faces whose class is a bright square at its own place: easy to learn.
+    Labels use FER-2013's names ('angry'), so aliasing is exercised too."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from synfer_ray import taxonomy
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for k, name in enumerate(taxonomy.AFFECTNET_7):
+        for _ in range(per_class):
+            pixels = rng.normal(100, 20, (48, 48))
+            row, column = divmod(k, 3)
+            pixels[6 + row * 14:16 + row * 14, 6 + column * 14:16 + column * 14] += 120
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L").save(buffer, "PNG")
+            images.append(buffer.getvalue())
+            labels.append("angry" if name == "anger" else name)
+    images += [b"\x89PNG but truncated"] * corrupt
+    labels += ["happy"] * corrupt
+    return pa.table({"image": images, "label": labels})
+
+
+@pytest.fixture(scope="session")
+def separable_parquet(tmp_path_factory) -> dict[str, Path]:
+    import pyarrow.parquet as pq
+    root = tmp_path_factory.mktemp("faces")
+    pq.write_table(separable_faces(40, seed=0, corrupt=5), root / "train.parquet")
+    pq.write_table(separable_faces(10, seed=1), root / "test.parquet")
+    return {"train": root / "train.parquet", "test": root / "test.parquet"}

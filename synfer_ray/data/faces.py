@@ -1,0 +1,137 @@
+"""Labelled faces for training and evaluation: sources, label checks, decoding and augmentation.
+
+Two Parquet shapes are read: labelled faces (``image`` bytes + ``label`` name, e.g. FER-2013) and
+synfer datasets (a ``synfer generate`` directory: ``data/`` shards with ``label``, ``soft_label`` and
+``accepted``). Decoding and augmentation are plain numpy, mapped by Ray Data in the training job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow.dataset as pads
+from PIL import Image
+
+from synfer_ray import taxonomy
+from synfer_ray.errors import SynferError
+
+
+@dataclass(frozen=True)
+class FaceSource:
+    """Where one set of labelled faces lives, and what we know about it."""
+
+    path: str  # a Parquet file or directory
+    synthetic: bool  # a synfer dataset (has soft labels and the accepted flag)
+    lineage: str  # sha256 of the dataset card, or of the file names and sizes
+
+    @property
+    def data_path(self) -> str:
+        return str(Path(self.path) / "data") if self.synthetic else self.path
+
+
+def resolve_source(path: str, field: str) -> FaceSource:
+    location = Path(path)
+    if not location.exists():
+        raise SynferError(field, path, "an existing Parquet file or directory of labelled faces")
+    card = location / "dataset.json"
+    if card.is_file():
+        return FaceSource(str(location), True, hashlib.sha256(card.read_bytes()).hexdigest())
+    if (location / "generate_config.json").is_file():
+        raise SynferError(field, path, "a finished synfer dataset (no dataset.json yet: run generate again "
+                                       "to finish it)")
+    files = sorted(location.rglob("*.parquet")) if location.is_dir() else [location]
+    if not files:
+        raise SynferError(field, path, "a directory holding .parquet files")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{file.stat().st_size}\n".encode())
+    return FaceSource(str(location), False, digest.hexdigest())
+
+
+def check_labels(source: FaceSource, classes: Sequence[str], field: str) -> dict[str, int]:
+    """Refuse a source with missing columns or labels outside ``classes``; return counts per class."""
+    dataset = pads.dataset(source.data_path, format="parquet")
+    needed = {"image", "label"} | ({"accepted", "soft_label"} if source.synthetic else set())
+    missing = needed - set(dataset.schema.names)
+    if missing:
+        raise SynferError(field, source.path, f"Parquet with columns {sorted(needed)}; missing {sorted(missing)}")
+    labels = dataset.to_table(columns=["label"]).column("label").to_pylist()
+    counts: dict[str, int] = {}
+    for name, count in zip(*np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)):
+        name = str(name)
+        canonical = taxonomy.EXPRESSION_ALIASES.get(name.strip().lower(), name.strip().lower())
+        if canonical not in classes:
+            raise SynferError(f"{field} (label column)", name,
+                              f"one of the model's classes {list(classes)} (or an alias such as 'angry'); "
+                              f"{count} rows have it")
+        counts[canonical] = counts.get(canonical, 0) + int(count)
+    return counts
+
+
+def _decode(data: bytes, size: int) -> np.ndarray | None:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception:  # any unreadable bytes are skipped and counted, never a crash
+        return None
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def decode_faces(batch: dict[str, np.ndarray], classes: Sequence[str], image_size: int, soft: bool,
+                 synthetic: bool) -> dict[str, np.ndarray]:
+    """Parquet rows -> ``pixels`` (N, S, S, 3) uint8, ``target`` (N, K) float32, ``valid`` (N,) bool."""
+    n = len(batch["image"])
+    pixels = np.zeros((n, image_size, image_size, 3), np.uint8)
+    target = np.zeros((n, len(classes)), np.float32)
+    valid = np.zeros(n, bool)
+    index = {c: i for i, c in enumerate(classes)}
+    for row in range(n):
+        decoded = _decode(batch["image"][row], image_size)
+        if decoded is None:
+            continue
+        pixels[row], valid[row] = decoded, True
+        name = str(batch["label"][row]).strip().lower()
+        if synthetic and soft:
+            target[row] = np.asarray(batch["soft_label"][row], np.float32)
+        else:
+            target[row, index[taxonomy.EXPRESSION_ALIASES.get(name, name)]] = 1.0
+    return {"pixels": pixels, "target": target, "valid": valid}
+
+
+def augment(batch: dict[str, np.ndarray], crop_padding: int, flip: bool, color_jitter: float,
+            seed: int | None = None) -> dict[str, np.ndarray]:
+    """Random crop (reflect-padded), horizontal flip, brightness/contrast jitter; per image."""
+    rng = np.random.default_rng(seed)
+    pixels = batch["pixels"]
+    n, size = pixels.shape[0], pixels.shape[1]
+    out = np.empty_like(pixels)
+    padded = np.pad(pixels, ((0, 0), (crop_padding,) * 2, (crop_padding,) * 2, (0, 0)), mode="reflect") \
+        if crop_padding else pixels
+    for i in range(n):
+        dy, dx = rng.integers(0, 2 * crop_padding + 1, size=2) if crop_padding else (0, 0)
+        image = padded[i, dy:dy + size, dx:dx + size].astype(np.float32)
+        if flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        if color_jitter:
+            brightness = 1 + rng.uniform(-color_jitter, color_jitter)
+            contrast = 1 + rng.uniform(-color_jitter, color_jitter)
+            mean = image.mean()
+            image = (image - mean) * contrast + mean * brightness
+        out[i] = np.clip(image, 0, 255).astype(np.uint8)
+    return {**batch, "pixels": out}
+
+
+def card_summary(source: FaceSource) -> dict | None:
+    if not source.synthetic:
+        return None
+    card = json.loads((Path(source.path) / "dataset.json").read_text())
+    return {"rows": card["rows"], "classes": card["classes"], "bundle": card["bundle"]["content_hash"]}

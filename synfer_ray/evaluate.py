@@ -1,0 +1,92 @@
+"""Classifier evaluation on labelled faces: accuracy, UAR, macro-F1, per-class table, confusion matrix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    return matrix  # rows: true class, columns: predicted
+
+
+def metrics_from_confusion(matrix: np.ndarray, classes: Sequence[str]) -> dict:
+    """Accuracy, UAR (mean recall over classes present), macro-F1 and the per-class table."""
+    true_counts = matrix.sum(axis=1)
+    predicted_counts = matrix.sum(axis=0)
+    hits = np.diag(matrix)
+    recall = np.divide(hits, true_counts, out=np.zeros(len(hits)), where=true_counts > 0)
+    precision = np.divide(hits, predicted_counts, out=np.zeros(len(hits)), where=predicted_counts > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(hits)),
+                   where=(precision + recall) > 0)
+    present = true_counts > 0
+    return {
+        "accuracy": float(hits.sum() / max(matrix.sum(), 1)),
+        "uar": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "rows": int(matrix.sum()),
+        "per_class": {c: {"support": int(true_counts[i]), "recall": float(recall[i]),
+                          "precision": float(precision[i]), "f1": float(f1[i])} for i, c in enumerate(classes)},
+        "confusion_matrix": matrix.tolist(),
+        "classes": list(classes),
+    }
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """(rows, H, W, 3) uint8 -> (rows, classes) probabilities."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
+        out.append(torch.softmax(model(pixels), dim=1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def plot_confusion(report: dict, path: Path, title: str = "confusion matrix (row-normalised)") -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    matrix = np.asarray(report["confusion_matrix"], dtype=float)
+    normalised = matrix / np.clip(matrix.sum(axis=1, keepdims=True), 1, None)
+    classes = report["classes"]
+    figure, axis = plt.subplots(figsize=(1 + 0.8 * len(classes), 1 + 0.7 * len(classes)))
+    axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    axis.set_yticks(range(len(classes)), classes, fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            axis.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                      color="white" if normalised[i, j] > 0.5 else "black")
+    axis.set_title(f"{title}\nacc {report['accuracy']:.3f}  UAR {report['uar']:.3f}  "
+                   f"macro-F1 {report['macro_f1']:.3f}", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def format_report(report: dict) -> str:
+    lines = [f"accuracy {report['accuracy']:.4f}  UAR {report['uar']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+             f"(rows {report['rows']}, skipped {report.get('skipped', 0)})",
+             f"{'class':10s} {'support':>8s} {'recall':>7s} {'precision':>9s} {'f1':>6s}"]
+    for name, row in report["per_class"].items():
+        lines.append(f"{name:10s} {row['support']:8d} {row['recall']:7.3f} {row['precision']:9.3f} {row['f1']:6.3f}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "eval_report.json").write_text(json.dumps(report, indent=2))
+    (directory / "eval_report.txt").write_text(format_report(report) + "\n")
+    return [directory / "eval_report.json", directory / "eval_report.txt",
+            plot_confusion(report, directory / "confusion_matrix.png")]

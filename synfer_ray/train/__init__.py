@@ -1,0 +1,1 @@
+"""Ray Train jobs: plain PyTorch loops around the models, with DeepSpeed where it helps."""

@@ -1,0 +1,369 @@
+"""FER classifier training on Ray Train + DeepSpeed, then evaluation on real faces and MLflow.
+
+The driver validates the config and the data, builds Ray Data pipelines (read -> decode ->
+augment), and runs :func:`train_loop` on every worker under ``TorchTrainer``. The loop is an
+ordinary PyTorch loop around a DeepSpeed engine (ZeRO 0-3), reporting a checkpoint every epoch
+so that a lost worker resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synfer_ray import taxonomy
+from synfer_ray.config import SourceConfig, TrainConfig
+from synfer_ray.data.faces import FaceSource, check_labels, resolve_source
+from synfer_ray.errors import SynferError
+
+STATE_NAME = "synfer_state.json"
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What every worker needs, as plain values."""
+
+    classes: tuple[str, ...]
+    arch: str
+    pretrained: str | None
+    image_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_fraction: float
+    label_smoothing: float
+    gradient_accumulation: int
+    zero_stage: int
+    bf16: bool
+    patience: int | None
+    seed: int
+    torch_threads: int
+    train_rows: int
+    class_weights: tuple[float, ...] | None
+    mlflow_uri: str | None
+    mlflow_run_id: str | None
+
+
+# --- the worker loop --------------------------------------------------------------------------
+
+def _deepspeed_config(job: TrainJob) -> dict[str, Any]:
+    return {"train_micro_batch_size_per_gpu": job.batch_size,
+            "gradient_accumulation_steps": job.gradient_accumulation,
+            "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": job.zero_stage},
+            "bf16": {"enabled": job.bf16},
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def _export_model(engine, job: TrainJob, directory: Path, rank: int) -> None:
+    """Write the classifier as safetensors + config (rank 0), gathering ZeRO-3 partitions first."""
+    import deepspeed
+    model = engine.module
+    if job.zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if rank == 0:
+                model.save_pretrained(directory)
+    elif rank == 0:
+        model.save_pretrained(directory)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from synfer_ray.classifiers import build_classifier
+    from synfer_ray.evaluate import confusion_matrix, metrics_from_confusion
+    from synfer_ray.train.losses import soft_cross_entropy, warmup_cosine
+
+    job: TrainJob = loop_config["job"]
+    torch.set_num_threads(job.torch_threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    model = build_classifier(job.arch, job.classes, job.image_size, job.pretrained, seed=job.seed)
+    steps_per_epoch = max(1, math.ceil(job.train_rows / world / job.batch_size / job.gradient_accumulation))
+    total_steps = steps_per_epoch * job.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, int(job.warmup_fraction * total_steps)))
+    engine, _, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                  config=_deepspeed_config(job))
+    device = engine.device
+    class_weights = torch.tensor(job.class_weights, device=device) if job.class_weights else None
+    state = {"epoch": 0, "best": -1.0, "since_best": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory)
+            state = json.loads((Path(directory) / STATE_NAME).read_text())
+    mlflow = None
+    if rank == 0 and job.mlflow_run_id:
+        from mlflow.tracking import MlflowClient
+        mlflow = MlflowClient(job.mlflow_uri)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    dtype = torch.bfloat16 if job.bf16 else torch.float32
+    for epoch in range(state["epoch"], job.epochs):
+        engine.train()
+        loss_sum = torch.zeros(3, device=device)  # loss * rows, rows, skipped
+        for batch in train_shard.iter_torch_batches(batch_size=job.batch_size, device=device,
+                                                    local_shuffle_buffer_size=4 * job.batch_size,
+                                                    local_shuffle_seed=job.seed + epoch):
+            pixels = batch["pixels"].permute(0, 3, 1, 2).to(dtype) / 255
+            valid = batch["valid"].bool()
+            loss = soft_cross_entropy(engine(pixels).float(), batch["target"], job.label_smoothing,
+                                      class_weights, valid)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += torch.stack([loss.detach() * valid.sum(), valid.sum().float(),
+                                     (~valid).sum().float()])
+        engine.eval()
+        matrix = np.zeros((len(job.classes),) * 2, np.int64)
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=4 * job.batch_size, device=device):
+                valid = batch["valid"].bool()
+                predicted = engine(batch["pixels"].permute(0, 3, 1, 2).to(dtype) / 255).argmax(dim=1)
+                truth = batch["target"].argmax(dim=1)
+                matrix += confusion_matrix(truth[valid].cpu().numpy(), predicted[valid].cpu().numpy(),
+                                           len(job.classes))
+        counts = torch.from_numpy(matrix).to(device)
+        dist.all_reduce(counts)
+        dist.all_reduce(loss_sum)
+        validation = metrics_from_confusion(counts.cpu().numpy(), job.classes)
+        metrics = {"epoch": epoch, "train_loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
+                   "train_rows": int(loss_sum[1]), "skipped_images": int(loss_sum[2]),
+                   "val_accuracy": validation["accuracy"], "val_uar": validation["uar"],
+                   "val_macro_f1": validation["macro_f1"], "lr": schedule.get_last_lr()[0]}
+        improved = validation["accuracy"] > state["best"]
+        state = {"epoch": epoch + 1, "best": max(state["best"], validation["accuracy"]),
+                 "since_best": 0 if improved else state["since_best"] + 1,
+                 "history": state["history"] + [metrics]}
+        with tempfile.TemporaryDirectory() as directory:
+            engine.save_checkpoint(directory)  # a collective: every rank writes its own partitions
+            _export_model(engine, job, Path(directory) / MODEL_DIR, rank)
+            if rank == 0:
+                (Path(directory) / STATE_NAME).write_text(json.dumps(state))
+            if mlflow:
+                mlflow.log_batch(job.mlflow_run_id, metrics=[
+                    _metric(name, value, epoch) for name, value in metrics.items() if name != "epoch"])
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        if job.patience and state["since_best"] >= job.patience:
+            break
+
+
+def _metric(name: str, value: float, step: int):
+    import time
+
+    from mlflow.entities import Metric
+    return Metric(name, float(value), int(time.time() * 1000), step)
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreparedData:
+    train_sources: list[tuple[SourceConfig, FaceSource]]
+    validation: tuple[SourceConfig, FaceSource] | None
+    test: tuple[SourceConfig, FaceSource] | None
+    train_rows: int
+    class_counts: dict[str, int]
+
+
+def _rows_after_filters(source: FaceSource, settings: SourceConfig) -> int:
+    import pyarrow.dataset as pads
+    dataset = pads.dataset(source.data_path, format="parquet")
+    if source.synthetic and settings.accepted_only:
+        rows = int(np.asarray(dataset.to_table(columns=["accepted"]).column("accepted")).sum())
+    else:
+        rows = dataset.count_rows()
+    return min(rows, settings.limit) if settings.limit else rows
+
+
+def prepare_data(config: TrainConfig, classes: tuple[str, ...]) -> PreparedData:
+    """Resolve and check every source (columns, labels) before any Ray work."""
+    data = config.data
+    train_sources, counts, rows = [], {c: 0 for c in classes}, 0
+    for index, settings in enumerate(data.train):
+        field = f"data.train[{index}].path"
+        source = resolve_source(settings.path, field)
+        for name, count in check_labels(source, classes, field).items():
+            counts[name] += count
+        rows += _rows_after_filters(source, settings)
+        train_sources.append((settings, source))
+    extra = {}
+    for name in ("validation", "test"):
+        settings = getattr(data, name)
+        if settings is not None:
+            source = resolve_source(settings.path, f"data.{name}.path")
+            check_labels(source, classes, f"data.{name}.path")
+            extra[name] = (settings, source)
+    if data.validation is None:
+        rows = int(rows * (1 - data.val_fraction))
+    if rows < config.scaling.num_workers:
+        raise SynferError("data.train", [s.path for s in data.train],
+                          f"at least one training row per worker ({config.scaling.num_workers})")
+    return PreparedData(train_sources, extra.get("validation"), extra.get("test"), rows, counts)
+
+
+def _read(source: FaceSource, settings: SourceConfig, config: TrainConfig, classes: tuple[str, ...]):
+    import ray
+
+    from synfer_ray.data.faces import decode_faces
+    columns = ["image", "label"] + (["soft_label", "accepted"] if source.synthetic else [])
+    dataset = ray.data.read_parquet(source.data_path, columns=columns)
+    if source.synthetic and settings.accepted_only:
+        dataset = dataset.map_batches(lambda b: {k: v[np.asarray(b["accepted"], bool)] for k, v in b.items()},
+                                      batch_format="numpy")
+    if settings.limit:
+        dataset = dataset.random_shuffle(seed=config.optim.seed).limit(settings.limit)
+    return dataset.map_batches(decode_faces, batch_format="numpy", fn_kwargs={
+        "classes": classes, "image_size": config.data.image_size, "soft": config.data.labels == "soft",
+        "synthetic": source.synthetic})
+
+
+def build_datasets(config: TrainConfig, prepared: PreparedData, classes: tuple[str, ...]):
+    from synfer_ray.data.faces import augment
+    parts = [_read(source, settings, config, classes) for settings, source in prepared.train_sources]
+    train = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if prepared.validation is not None:
+        settings, source = prepared.validation
+        validation = _read(source, settings, config, classes)
+    else:
+        train, validation = train.train_test_split(config.data.val_fraction, shuffle=True,
+                                                   seed=config.optim.seed)
+    aug = config.data.augment
+    train = train.map_batches(augment, batch_format="numpy", fn_kwargs={
+        "crop_padding": aug.crop_padding, "flip": aug.flip, "color_jitter": aug.color_jitter})
+    return train, validation
+
+
+def _class_weights(counts: dict[str, int], classes: tuple[str, ...]) -> tuple[float, ...]:
+    present = np.array([max(counts.get(c, 0), 1) for c in classes], dtype=np.float64)
+    weights = present.sum() / (len(classes) * present)
+    return tuple(float(w) for w in weights)
+
+
+def _bf16_available(config: TrainConfig) -> bool:
+    if config.optim.precision != "bf16":
+        return False
+    import torch
+    return bool(config.scaling.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Train, pick the best epoch, evaluate on the test set, track and register; return a summary."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from synfer_ray.pipeline import ensure_ray
+    from synfer_ray.tracking import start_run
+
+    classes = taxonomy.expression_set(config.model.expressions)
+    output = Path(config.output).resolve()
+    if (output / MODEL_DIR).exists() and not overwrite:
+        raise SynferError("output", config.output, "a directory without a trained model/ (this one is finished); "
+                                                   "use another output or --overwrite")
+    prepared = prepare_data(config, classes)
+    if overwrite and output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "train_config.json").write_text(config.model_dump_json(indent=2))
+    lineage = {f"lineage.train.{i}": source.lineage for i, (_, source) in enumerate(prepared.train_sources)}
+    if prepared.test:
+        lineage["lineage.test"] = prepared.test[1].lineage
+    with start_run(config.tracking, config.name) as run:
+        run.log_params({"config": config.model_dump(mode="json"), **lineage})
+        run.set_tags({"synfer.job": "train"})
+        ensure_ray(config.ray)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        train, validation = build_datasets(config, prepared, classes)
+        optim = config.optim
+        job = TrainJob(classes=classes, arch=config.model.arch, pretrained=config.model.pretrained,
+                       image_size=config.data.image_size, epochs=optim.epochs, batch_size=optim.batch_size,
+                       lr=optim.lr, weight_decay=optim.weight_decay, warmup_fraction=optim.warmup_fraction,
+                       label_smoothing=optim.label_smoothing, gradient_accumulation=optim.gradient_accumulation,
+                       zero_stage=optim.zero_stage, bf16=_bf16_available(config),
+                       patience=optim.early_stopping_patience, seed=optim.seed,
+                       torch_threads=config.scaling.torch_threads, train_rows=prepared.train_rows,
+                       class_weights=_class_weights(prepared.class_counts, classes)
+                       if config.data.class_balanced_loss else None,
+                       mlflow_uri=run.uri, mlflow_run_id=run.run_id)
+        scaling = config.scaling
+        trainer = TorchTrainer(
+            train_loop, train_loop_config={"job": job},
+            scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                                   resources_per_worker={"CPU": scaling.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+            datasets={"train": train, "validation": validation},
+            run_config=ray.train.RunConfig(
+                name=config.name, storage_path=str(output / "ray"),
+                failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_accuracy",
+                                                             checkpoint_score_order="max")))
+        result = trainer.fit()
+        best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
+        with best_checkpoint.as_directory() as directory:
+            shutil.copytree(Path(directory) / MODEL_DIR, output / MODEL_DIR)
+        # The latest checkpoint carries every epoch's metrics, across worker restarts.
+        with result.checkpoint.as_directory() as directory:
+            history = json.loads((Path(directory) / STATE_NAME).read_text())["history"]
+        summary: dict[str, Any] = {"best_epoch": int(best_metrics["epoch"]),
+                                   "best_val_accuracy": best_metrics["val_accuracy"], "history": history,
+                                   "model": str(output / MODEL_DIR), "lineage": lineage,
+                                   "mlflow_run_id": run.run_id}
+        if prepared.test:
+            from synfer_ray.evaluate import write_report
+            report = evaluate_model(output / MODEL_DIR, prepared.test[0].path)
+            for path in write_report(report, output / "eval"):
+                run.log_artifact(path, "eval")
+            run.log_metrics({f"test_{k}": report[k] for k in ("accuracy", "uar", "macro_f1")})
+            summary["test"] = {k: report[k] for k in ("accuracy", "uar", "macro_f1", "rows", "skipped")}
+        (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        run.log_artifact(output / "train_config.json")
+        run.log_artifact(output / "summary.json")
+        run.log_artifacts(output / MODEL_DIR, MODEL_DIR)
+        if config.register_as:
+            summary["registered"] = run.register_model(config.register_as, MODEL_DIR, tags=lineage)
+        return summary
+
+
+def evaluate_model(model_path: str | Path, data_path: str, batch_size: int = 256) -> dict[str, Any]:
+    """Evaluate a saved classifier on labelled faces (in this process; skipped images counted)."""
+    import pyarrow.dataset as pads
+
+    from synfer_ray.classifiers import load_classifier
+    from synfer_ray.data.faces import decode_faces
+    from synfer_ray.evaluate import confusion_matrix, metrics_from_confusion, predict
+    model = load_classifier(model_path, field="model")
+    classes = tuple(model.classes)
+    source = resolve_source(data_path, "data")
+    check_labels(source, classes, "data")
+    table = pads.dataset(source.data_path, format="parquet").to_table(columns=["image", "label"])
+    matrix = np.zeros((len(classes),) * 2, np.int64)
+    skipped = 0
+    for batch in table.to_batches(max_chunksize=batch_size):
+        decoded = decode_faces({"image": batch.column("image").to_pylist(), "label": batch.column("label").to_pylist()},
+                               classes, model.image_size, soft=False, synthetic=False)
+        valid = decoded["valid"]
+        skipped += int((~valid).sum())
+        if valid.any():
+            predicted = predict(model, decoded["pixels"][valid], batch_size).argmax(axis=1)
+            matrix += confusion_matrix(decoded["target"][valid].argmax(axis=1), predicted, len(classes))
+    report = metrics_from_confusion(matrix, classes)
+    report["skipped"] = skipped
+    report["model"] = str(model_path)
+    report["data"] = data_path
+    return report

@@ -1,0 +1,73 @@
+"""The pure parts of training and evaluation: losses, schedule, metrics, decoding, label checks."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from synfer_ray import taxonomy
+from synfer_ray.data.faces import augment, check_labels, decode_faces, resolve_source
+from synfer_ray.errors import SynferError
+from synfer_ray.evaluate import confusion_matrix, metrics_from_confusion
+from synfer_ray.train.losses import soft_cross_entropy, warmup_cosine
+
+
+def test_soft_cross_entropy_matches_torch_on_hard_labels_and_masks_invalid_rows():
+    logits = torch.randn(6, 7, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 3, 6, 1, 2, 5])
+    one_hot = torch.eye(7)[labels]
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert torch.allclose(soft_cross_entropy(logits, one_hot, 0.1), expected, atol=1e-6)
+    valid = torch.tensor([True, True, True, False, False, False])
+    assert torch.allclose(soft_cross_entropy(logits, one_hot, 0.0, valid=valid),
+                          torch.nn.functional.cross_entropy(logits[:3], labels[:3]), atol=1e-6)
+    assert soft_cross_entropy(logits, one_hot, valid=torch.zeros(6, dtype=torch.bool)) == 0
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(total_steps=100, warmup_steps=10)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5, abs=0.01) and factor(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_metrics_from_a_hand_made_confusion_matrix():
+    truth = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    predicted = np.array([0, 0, 0, 1, 1, 0, 2, 2])
+    report = metrics_from_confusion(confusion_matrix(truth, predicted, 3), ["a", "b", "c"])
+    assert report["accuracy"] == pytest.approx(6 / 8)
+    assert report["uar"] == pytest.approx((3 / 4 + 1 / 2 + 1) / 3)
+    f1_a = 2 * (3 / 4) * (3 / 4) / (3 / 2)
+    f1_b = 2 * 0.5 * 0.5 / 1.0
+    assert report["macro_f1"] == pytest.approx((f1_a + f1_b + 1) / 3)
+    assert report["per_class"]["b"]["support"] == 2
+
+
+def test_corrupt_images_are_flagged_not_raised():
+    table = pa.table({"image": [b"junk", pa.array([b""]).to_pylist()[0]], "label": ["happy", "sad"]})
+    decoded = decode_faces(table.to_pydict(), taxonomy.AFFECTNET_7, 48, soft=False, synthetic=False)
+    assert not decoded["valid"].any() and decoded["pixels"].shape == (2, 48, 48, 3)
+
+
+def test_decode_maps_aliases_and_augment_keeps_shapes(separable_parquet):
+    batch = pq.read_table(separable_parquet["train"]).slice(0, 50).to_pydict()
+    decoded = decode_faces(batch, taxonomy.AFFECTNET_7, 48, soft=False, synthetic=False)
+    assert decoded["valid"].all()
+    assert decoded["target"][0].argmax() == taxonomy.AFFECTNET_7.index("neutral")
+    augmented = augment(decoded, crop_padding=4, flip=True, color_jitter=0.2, seed=0)
+    assert augmented["pixels"].shape == decoded["pixels"].shape
+    assert not np.array_equal(augmented["pixels"], decoded["pixels"])
+
+
+def test_label_checks_name_the_problem(tmp_path, separable_parquet):
+    source = resolve_source(str(separable_parquet["train"]), "data.train[0].path")
+    counts = check_labels(source, taxonomy.AFFECTNET_7, "data.train[0].path")
+    assert counts["anger"] == 40 and counts["happy"] == 45
+    pq.write_table(pa.table({"image": [b"x"], "label": ["bored"]}), tmp_path / "bad.parquet")
+    with pytest.raises(SynferError, match="label column.*'bored'"):
+        check_labels(resolve_source(str(tmp_path / "bad.parquet"), "f"), taxonomy.AFFECTNET_7, "f")
+    pq.write_table(pa.table({"pixels": [b"x"], "label": ["happy"]}), tmp_path / "cols.parquet")
+    with pytest.raises(SynferError, match=r"missing \['image'\]"):
+        check_labels(resolve_source(str(tmp_path / "cols.parquet"), "f"), taxonomy.AFFECTNET_7, "f")
+    with pytest.raises(SynferError, match="^f: .*existing"):
+        resolve_source(str(tmp_path / "absent"), "f")
