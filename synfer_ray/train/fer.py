@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if job.bf16 else torch.float32
     for epoch in range(state["epoch"], job.epochs):
         engine.train()
+        began = time.perf_counter()
         loss_sum = torch.zeros(3, device=device)  # loss * rows, rows, skipped
         for batch in train_shard.iter_torch_batches(batch_size=job.batch_size, device=device,
                                                     local_shuffle_buffer_size=4 * job.batch_size,
@@ -129,6 +131,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             engine.step()
             loss_sum += torch.stack([loss.detach() * valid.sum(), valid.sum().float(),
                                      (~valid).sum().float()])
+        train_seconds = time.perf_counter() - began
         engine.eval()
         matrix = np.zeros((len(job.classes),) * 2, np.int64)
         with torch.no_grad():
@@ -145,7 +148,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "train_loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
                    "train_rows": int(loss_sum[1]), "skipped_images": int(loss_sum[2]),
                    "val_accuracy": validation["accuracy"], "val_uar": validation["uar"],
-                   "val_macro_f1": validation["macro_f1"], "lr": schedule.get_last_lr()[0]}
+                   "val_macro_f1": validation["macro_f1"], "lr": schedule.get_last_lr()[0],
+                   "train_seconds": train_seconds}
         improved = validation["accuracy"] > state["best"]
         state = {"epoch": epoch + 1, "best": max(state["best"], validation["accuracy"]),
                  "since_best": 0 if improved else state["since_best"] + 1,
@@ -164,8 +168,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _metric(name: str, value: float, step: int):
-    import time
-
     from mlflow.entities import Metric
     return Metric(name, float(value), int(time.time() * 1000), step)
 
