@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test setup
+.PHONY: demo test setup browser
 
 setup: $(STAMP)
 
@@ -15,5 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/synfer demo
 
-test: $(STAMP)
+# Headless Chromium for the web-page test (Debian's package; needs root, else that test skips).
+browser:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -207,6 +207,23 @@ def evaluate(
             typer.echo(str(path))
 
 
+@app.command("serve")
+def serve_command(
+    config: str = typer.Option(..., "--config", "-c", help="YAML ServeConfig path."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. port=8080 max_images=4."),
+) -> None:
+    """Serve the generator over HTTP with Ray Serve (binds 127.0.0.1 unless host says otherwise)."""
+    from synfer_ray.config import ServeConfig, load_config
+    from synfer_ray.serve import run_serve
+    try:
+        parsed = load_config(ServeConfig, _config_path(config), overrides or [])
+        from synfer_ray.bundle import BundleManifest
+        BundleManifest.read(Path(parsed.bundle))  # a missing bundle fails here, not in a replica
+        run_serve(parsed)
+    except SynferError as error:
+        _fail(error)
+
+
 @app.command("demo")
 def demo(
     output: Path = typer.Option(Path("outputs/demo"), help="Where the bundle, dataset and MLflow store go."),

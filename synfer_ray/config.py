@@ -241,3 +241,30 @@ class TrainConfig(_Strict):
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig(enabled=True, experiment="synfer-train")
     register_as: str | None = "synfer-fer"  # MLflow registered-model name; null to skip
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0)
+
+
+class ServeConfig(_Strict):
+    bundle: str
+    voters: list[VoterConfig] = []  # the labeler's ensemble; the bundle's guide when empty
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    max_images: int = Field(8, ge=1, le=64)
+    max_steps: int = Field(50, ge=1, le=1000)
+    default_steps: int = Field(20, ge=1)
+    max_batch_size: int = Field(8, ge=1)  # rows sampled together across concurrent requests
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    request_timeout_s: float = Field(120, gt=0)
+    api_key_env: str | None = None  # name of an env var holding the key; unset = no key required
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    torch_threads: int = Field(2, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    ray: RayConfig = RayConfig()

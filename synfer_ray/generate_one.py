@@ -6,10 +6,27 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
+
 from synfer_ray import taxonomy
-from synfer_ray.bundle import load_bundle
+from synfer_ray.bundle import Bundle, load_bundle
 from synfer_ray.generator.sampler import GuidedSampler, SampleRequest, SamplerSettings
 from synfer_ray.images import png_bytes, read_rgb
+
+
+def expression_requests(bundle: Bundle, expression: str, aus: Mapping[str, float] | None, prompt: str | None,
+                        seed: int, n: int, reference_image: np.ndarray | None = None,
+                        aus_field: str = "aus") -> tuple[str, list[SampleRequest]]:
+    """The rows of a quick look or an API call: seeds ``seed .. seed + n - 1``, the class prototype
+    AUs unless ``aus`` is given, a prompt sampled from each seed unless ``prompt`` is given."""
+    target = taxonomy.canonical_expression(expression, bundle.classes, field="expression")
+    if aus:
+        au_vector = taxonomy.ActionUnits.from_mapping(aus, bundle.au_names, field=aus_field).as_array()
+    else:
+        au_vector = taxonomy.prototype_aus(target, bundle.au_names)
+    return target, [SampleRequest(seed=seed + k, prompt=prompt or taxonomy.build_prompt(seed + k, target),
+                                  aus=au_vector.tolist(), target=target, reference=reference_image)
+                    for k in range(n)]
 
 
 def generate_pngs(bundle_path: Path, expression: str, out: Path, *, aus: Mapping[str, float] | None = None,
@@ -21,15 +38,9 @@ def generate_pngs(bundle_path: Path, expression: str, out: Path, *, aus: Mapping
     settings = SamplerSettings(steps=steps, cfg_scale=cfg_scale, au_scale=au_scale, sg_scale=sg_scale,
                                sg_window=sg_window)
     bundle = load_bundle(bundle_path, sg_classifier=sg_classifier)
-    target = taxonomy.canonical_expression(expression, bundle.classes)
-    if aus:
-        au_vector = taxonomy.ActionUnits.from_mapping(aus, bundle.au_names, field="--au").as_array()
-    else:
-        au_vector = taxonomy.prototype_aus(target, bundle.au_names)
     reference_image = read_rgb(reference, bundle.manifest.resolution, "--reference") if reference else None
-    requests = [SampleRequest(seed=seed + k, prompt=prompt or taxonomy.build_prompt(seed + k, target),
-                              aus=au_vector.tolist(), target=target, reference=reference_image)
-                for k in range(n)]
+    target, requests = expression_requests(bundle, expression, aus, prompt, seed, n, reference_image,
+                                          aus_field="--au")
     sampler = GuidedSampler(bundle)
     sampler.check(requests, settings)  # all inputs checked before the first write
     images = sampler.generate(requests, settings)

@@ -39,7 +39,7 @@ def ray_cluster():
     # Hermetic: no token written to the user's home by a test cluster (issue-7 tests set their own).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "SYNFER_TEST_API_KEY": "test-key"}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -1,0 +1,231 @@
+"""Ray Serve: the generator over HTTP (FastAPI ingress), with dynamic batching across requests.
+
+    POST /v1/generate     expression, AUs, prompt, seed, n, steps, scales -> PNGs + label probabilities
+    GET  /v1/expressions  classes, AU names, per-class prototype AUs, limits
+    GET  /healthz         liveness and the bundle hash
+    GET  /                a small page to try it in a browser
+
+Rows of concurrent requests are sampled together (``@serve.batch``) up to ``max_batch_size``. A
+request served alone is sampled exactly as ``synfer generate-one`` samples it, so it returns the
+same bytes; batched with other requests a pixel may differ by float rounding (1/255 at most seen).
+Ray's token auth does not cover Serve's HTTP port: set ``api_key_env`` to require ``X-API-Key``.
+"""
+
+
+import asyncio
+import base64
+import os
+from collections import defaultdict
+from importlib import resources
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, Field
+from ray import serve
+
+from synfer_ray.config import ServeConfig, build_config
+from synfer_ray.errors import SynferError
+
+MAX_SEED = 2**63 - 1
+
+api = FastAPI(title="synfer-ray generator",
+              description="SynFER faces of a chosen expression and action units, with pseudo labels.")
+
+
+class GenerateRequest(BaseModel):
+    expression: str = Field(..., max_length=32, description="Target expression; see GET /v1/expressions.",
+                            examples=["happy"])
+    aus: dict[str, float] = Field(default_factory=dict, max_length=64,
+                                  description="AU intensities by name, each in [0, 1]; unnamed AUs are 0. "
+                                              "Empty: the expression's EMFACS prototype.",
+                                  examples=[{"AU6": 0.7, "AU12": 0.9}])
+    prompt: str | None = Field(None, max_length=400, description="Caption; default: sampled from each seed.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the first image; image k uses seed + k.")
+    n: int = Field(1, ge=1, le=64, description="Number of images (the server's max_images caps it further).")
+    steps: int | None = Field(None, ge=1, le=1000, description="DDIM steps (server default and max_steps apply).")
+    cfg_scale: float = Field(3.0, ge=0, le=30, description="Classifier-free guidance scale; 1 = off.")
+    au_scale: float = Field(1.0, ge=0, le=4, description="Weight of the AU attention; 0 = text only.")
+    sg_scale: float = Field(0.0, ge=0, le=30, description="Semantic-guidance step size; 0 = off.")
+    sg_window: float = Field(0.4, ge=0, le=1, description="Fraction of late steps with semantic guidance.")
+    format: Literal["json", "png"] = Field("json", description="'png' returns image/png bytes (n must be 1).")
+
+
+class GeneratedImage(BaseModel):
+    seed: int
+    prompt: str
+    png_base64: str
+    label: str | None = Field(None, description="The labeler's final label (argmax of probabilities).")
+    probabilities: dict[str, float] = Field(default_factory=dict, description="The labeler's soft label.")
+
+
+class GenerateResponse(BaseModel):
+    expression: str
+    aus: dict[str, float]
+    bundle_hash: str
+    settings: dict[str, Any]
+    images: list[GeneratedImage]
+
+
+def _unprocessable(field: str, message: str) -> HTTPException:
+    # The same shape FastAPI uses for schema errors, so clients parse one format.
+    return HTTPException(status_code=422, detail=[{"loc": ["body", *field.split(".")], "msg": message,
+                                                   "type": "value_error"}])
+
+
+def _check_api_key(request: Request) -> None:
+    expected = getattr(request.app.state, "api_key", None)
+    if expected and request.headers.get("x-api-key") != expected:
+        raise HTTPException(status_code=401, detail="missing or wrong X-API-Key header")
+
+
+@serve.ingress(api)
+class SynferGenerator:
+    """One replica: the bundle loaded once, the sampler, and the labeler's voters."""
+
+    def __init__(self, config: dict[str, Any]):
+        import torch
+
+        from synfer_ray.bundle import load_bundle
+        from synfer_ray.classifiers import load_classifier
+        from synfer_ray.generator.sampler import GuidedSampler
+        from synfer_ray.labeler.ensemble import PseudoLabeler, Voter
+        self.config = build_config(ServeConfig, config)
+        torch.set_num_threads(self.config.torch_threads)
+        device = "cuda" if self.config.num_gpus > 0 else "cpu"
+        self.bundle = load_bundle(self.config.bundle).to(device)
+        self.sampler = GuidedSampler(self.bundle, device=device)
+        voters = [Voter(v.name or os.path.basename(v.path.rstrip("/")), load_classifier(v.path), [], v.weight)
+                  for v in self.config.voters]
+        for voter in voters:
+            voter.classes = voter.model.classes
+        if not voters and self.bundle.sg_classifier is not None:
+            voters = [Voter("sg_classifier", self.bundle.sg_classifier, self.bundle.sg_classifier.classes)]
+        self.labeler = PseudoLabeler(voters, self.bundle.classes)
+        self._sample.set_max_batch_size(self.config.max_batch_size)
+        self._sample.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        api.state.api_key = os.environ.get(self.config.api_key_env) if self.config.api_key_env else None
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _sample(self, items: list[tuple[Any, Any]]) -> list[Any]:
+        """Rows from any requests; rows sharing settings are sampled as one batch, in arrival order."""
+        groups: dict[Any, list[int]] = defaultdict(list)
+        for index, (_, settings) in enumerate(items):
+            groups[settings].append(index)
+        results: list[Any] = [None] * len(items)
+        loop = asyncio.get_running_loop()
+        for settings, indices in groups.items():
+            rows = [items[i][0] for i in indices]
+            # In a thread, so /healthz and request parsing stay responsive while sampling.
+            images = await loop.run_in_executor(None, self.sampler.generate, rows, settings)
+            for i, image in zip(indices, images):
+                results[i] = image
+        return results
+
+    def _rows(self, request: GenerateRequest):
+        from synfer_ray.generate_one import expression_requests
+        from synfer_ray.generator.sampler import SamplerSettings
+        config = self.config
+        if request.n > config.max_images:
+            raise _unprocessable("n", f"at most {config.max_images} images per request on this server")
+        steps = request.steps or config.default_steps
+        if steps > config.max_steps:
+            raise _unprocessable("steps", f"at most {config.max_steps} steps on this server")
+        if request.format == "png" and request.n != 1:
+            raise _unprocessable("format", "'png' returns one image: set n to 1 or use 'json'")
+        if request.seed + request.n - 1 > MAX_SEED:
+            raise _unprocessable("seed", f"seed + n - 1 must be <= {MAX_SEED}")
+        try:
+            settings = SamplerSettings(steps=steps, cfg_scale=request.cfg_scale, au_scale=request.au_scale,
+                                       sg_scale=request.sg_scale, sg_window=request.sg_window)
+            target, rows = expression_requests(self.bundle, request.expression, request.aus, request.prompt,
+                                               request.seed, request.n)
+            self.sampler.check(rows, settings)
+        except SynferError as error:
+            raise _unprocessable(error.field.replace("rows[0].", ""), str(error)) from None
+        return target, rows, settings
+
+    @api.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(_check_api_key)],
+              responses={200: {"content": {"image/png": {}}, "description": "JSON, or PNG when format is 'png'"}})
+    async def generate(self, request: GenerateRequest):
+        from synfer_ray.images import png_bytes
+        target, rows, settings = self._rows(request)
+        try:
+            images = await asyncio.wait_for(asyncio.gather(*[self._sample((row, settings)) for row in rows]),
+                                            timeout=self.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(status_code=504, detail="generation took longer than the request timeout")
+        pngs = [png_bytes(image) for image in images]
+        if request.format == "png":
+            return Response(content=pngs[0], media_type="image/png")
+        labelled = []
+        if self.labeler.voters:
+            import numpy as np
+            probabilities = self.labeler.probabilities(np.stack(images)).mean(axis=0)
+            labelled = [(self.bundle.classes[int(p.argmax())], dict(zip(self.bundle.classes, map(float, p))))
+                        for p in probabilities]
+        return GenerateResponse(
+            expression=target, aus=dict(zip(self.bundle.au_names, map(float, rows[0].aus))),
+            bundle_hash=self.bundle.content_hash, settings=settings.__dict__,
+            images=[GeneratedImage(seed=row.seed, prompt=row.prompt, png_base64=base64.b64encode(data).decode(),
+                                   label=labelled[i][0] if labelled else None,
+                                   probabilities=labelled[i][1] if labelled else {})
+                    for i, (row, data) in enumerate(zip(rows, pngs))])
+
+    @api.get("/v1/expressions")
+    async def expressions(self) -> dict[str, Any]:
+        from synfer_ray import taxonomy
+        config = self.config
+        return {"classes": list(self.bundle.classes), "au_names": list(self.bundle.au_names),
+                "prototypes": {c: dict(zip(self.bundle.au_names,
+                                           map(float, taxonomy.prototype_aus(c, self.bundle.au_names))))
+                               for c in self.bundle.classes},
+                "resolution": self.bundle.manifest.resolution,
+                "limits": {"max_images": config.max_images, "max_steps": config.max_steps,
+                           "default_steps": config.default_steps, "au_value": [0.0, 1.0]},
+                "labeler": [v.name for v in self.labeler.voters]}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "bundle_hash": self.bundle.content_hash}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> str:
+        return (resources.files("synfer_ray") / "static" / "index.html").read_text()
+
+
+def build_app(config: ServeConfig):
+    """The Serve application for ``config`` (resources and autoscaling from it)."""
+    scaling = config.autoscaling
+    deployment = serve.deployment(
+        SynferGenerator, name="SynferGenerator",
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        max_ongoing_requests=config.max_ongoing_requests,
+        autoscaling_config={"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+                            "target_ongoing_requests": scaling.target_ongoing_requests})
+    return deployment.bind(config.model_dump(mode="json"))
+
+
+def app_builder(args: dict[str, Any]):
+    """For `serve run` / `serve deploy` / KubeRay: ``import_path: synfer_ray.serve:app_builder``
+    with the ServeConfig fields as ``args``."""
+    return build_app(build_config(ServeConfig, args))
+
+
+def run_serve(config: ServeConfig, blocking: bool = True) -> str:
+    """Start Serve on ``config.host:port`` and deploy; return the base URL."""
+    from synfer_ray.pipeline import ensure_ray
+    ensure_ray(config.ray)
+    serve.start(http_options={"host": config.host, "port": config.port,
+                              "request_timeout_s": config.request_timeout_s})
+    serve.run(build_app(config), name="synfer", route_prefix=config.route_prefix, blocking=False)
+    url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
+    if blocking:
+        import time
+        print(f"serving {config.bundle} at {url}/ (API docs at {url}/docs); Ctrl-C to stop", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return url
