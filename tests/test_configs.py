@@ -4,16 +4,29 @@ from pathlib import Path
 
 import pytest
 
-from synfer_ray.config import GenerateConfig, TrainConfig, load_config
+import yaml
+
+from synfer_ray.config import GenerateConfig, ServeConfig, TrainConfig, build_config, load_config
 from synfer_ray.presets import preset_path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"sd15-1m.yaml": GenerateConfig, "train-fer2013.yaml": TrainConfig, "train-r50.yaml": TrainConfig}
+MODELS = {"sd15-1m.yaml": GenerateConfig, "train-fer2013.yaml": TrainConfig, "train-r50.yaml": TrainConfig,
+          "serve.yaml": ServeConfig}
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                                        if p.name != "serve-app.yaml"))
 def test_example_config_validates(name):
     load_config(MODELS[name], ROOT / "configs" / name)
+
+
+def test_serve_app_config_is_valid_for_ray_serve_and_for_us():
+    from ray.serve.schema import ServeDeploySchema
+    raw = yaml.safe_load((ROOT / "configs" / "serve-app.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    application = schema.applications[0]
+    assert application.import_path == "synfer_ray.serve:app_builder"
+    build_config(ServeConfig, application.args)
 
 
 def test_tiny_preset_validates_and_overrides_apply():
