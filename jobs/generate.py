@@ -5,8 +5,12 @@ cluster through RAY_ADDRESS.
 """
 
 import sys
+from pathlib import Path
 
-from synfer_ray.cli import app
+# Run from a checkout (`--working-dir .`), use that checkout's package; installed images have it anyway.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from synfer_ray.cli import app  # noqa: E402
 
 if __name__ == "__main__":
     app(["generate", *sys.argv[1:]])

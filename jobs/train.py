@@ -1,8 +1,12 @@
 """`ray job submit ... -- python jobs/train.py --config train.yaml [key=value ...]` (same as `synfer train`)."""
 
 import sys
+from pathlib import Path
 
-from synfer_ray.cli import app
+# Run from a checkout (`--working-dir .`), use that checkout's package; installed images have it anyway.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from synfer_ray.cli import app  # noqa: E402
 
 if __name__ == "__main__":
     app(["train", *sys.argv[1:]])

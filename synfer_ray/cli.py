@@ -188,6 +188,30 @@ def train(
         typer.echo(f"mlflow run: {summary['mlflow_run_id']} ({tracking_uri(parsed.tracking)})")
 
 
+@app.command("pipeline")
+def pipeline(
+    config: str = typer.Option(..., "--config", "-c", help="YAML with a generate: and a train: section."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. generate.count=500 train.optim.epochs=3."),
+) -> None:
+    """generate -> train -> evaluate in one go (the `jobs/pipeline.py` of `ray job submit`)."""
+    from synfer_ray.config import PipelineConfig, load_config
+    from synfer_ray.generate import run_generate, summary_table
+    from synfer_ray.train.fer import run_train
+    try:
+        parsed = load_config(PipelineConfig, _config_path(config), overrides or [])
+        card = run_generate(parsed.generate, progress=False)
+        typer.echo(summary_table(card))
+        typer.echo(f"dataset: {parsed.generate.output}")
+        summary = run_train(parsed.train)
+    except SynferError as error:
+        _fail(error)
+    typer.echo(f"best epoch {summary['best_epoch']}: val accuracy {summary['best_val_accuracy']:.4f}")
+    if "test" in summary:
+        typer.echo("test: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items() if isinstance(v, float)))
+    typer.echo(f"model: {summary['model']}")
+    typer.echo(f"mlflow run: {summary.get('mlflow_run_id')}")
+
+
 @app.command("evaluate")
 def evaluate(
     model: Path = typer.Argument(..., help="A saved classifier directory (e.g. OUTPUT/model)."),

@@ -268,3 +268,10 @@ class ServeConfig(_Strict):
     max_ongoing_requests: int = Field(32, ge=1)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()
+
+
+class PipelineConfig(_Strict):
+    """generate -> train -> evaluate in one job; ``train.data`` names the generated output itself."""
+
+    generate: GenerateConfig
+    train: TrainConfig

@@ -6,12 +6,12 @@ import pytest
 
 import yaml
 
-from synfer_ray.config import GenerateConfig, ServeConfig, TrainConfig, build_config, load_config
+from synfer_ray.config import GenerateConfig, PipelineConfig, ServeConfig, TrainConfig, build_config, load_config
 from synfer_ray.presets import preset_path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"sd15-1m.yaml": GenerateConfig, "train-fer2013.yaml": TrainConfig, "train-r50.yaml": TrainConfig,
-          "serve.yaml": ServeConfig}
+          "serve.yaml": ServeConfig, "pipeline-tiny.yaml": PipelineConfig}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")

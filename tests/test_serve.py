@@ -6,7 +6,6 @@ import base64
 import io
 import re
 import shutil
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,15 +14,10 @@ import pytest
 import requests
 from PIL import Image
 
+from conftest import free_port
 from synfer_ray.config import ServeConfig, build_config
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def server(ray_cluster, tiny_bundle_path):
     from ray import serve
 
     from synfer_ray.serve import build_app
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     common = {"bundle": str(tiny_bundle_path), "max_images": 4, "max_steps": 20, "default_steps": 6,
               "num_cpus": 0.5, "torch_threads": 2, "max_batch_size": 8}

@@ -1,0 +1,15 @@
+"""`ray job submit ... -- python jobs/pipeline.py --config configs/pipeline-tiny.yaml [key=value ...]`
+
+generate -> train -> evaluate in one job (same as `synfer pipeline`).
+"""
+
+import sys
+from pathlib import Path
+
+# Run from a checkout (`--working-dir .`), use that checkout's package; installed images have it anyway.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from synfer_ray.cli import app  # noqa: E402
+
+if __name__ == "__main__":
+    app(["pipeline", *sys.argv[1:]])
