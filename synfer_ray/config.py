@@ -118,22 +118,31 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """``["sampling.steps=10", "count=64"]`` applied to a nested dict (copied)."""
+    """``["sampling.steps=10", "data.train.0.limit=500"]`` applied to a nested dict (copied);
+    a numeric part indexes into a list."""
     result = yaml.safe_load(yaml.safe_dump(raw)) or {}
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key.strip():
             raise SynferError("override", override, "KEY=VALUE with a dotted key, e.g. sampling.steps=10")
-        node = result
+        node: Any = result
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise SynferError(key, override, f"a key inside a section; {part!r} is a value")
-            node = child
-        node[parts[-1]] = parse_value(value)
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SynferError(".".join(parts[:depth + 1]), override,
+                                      f"an index below {len(node)} into the list {'.'.join(parts[:depth])}")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise SynferError(".".join(parts[:depth + 1]), override,
+                                  f"a key inside a section; {'.'.join(parts[:depth])} is a value")
+            if last:
+                node[part] = parse_value(value)
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return result
 
 

@@ -32,3 +32,18 @@ def test_serve_app_config_is_valid_for_ray_serve_and_for_us():
 def test_tiny_preset_validates_and_overrides_apply():
     config = load_config(GenerateConfig, preset_path("tiny"), ["count=10", "sampling.steps=3"])
     assert config.count == 10 and config.sampling.steps == 3
+
+
+def test_overrides_reach_into_lists_and_name_bad_keys():
+    from synfer_ray.config import apply_overrides
+    from synfer_ray.errors import SynferError
+    raw = {"data": {"train": [{"path": "a"}, {"path": "b"}]}, "count": 3}
+    changed = apply_overrides(raw, ["data.train.1.limit=50", "count=7", "new.section.value=[1, 2]"])
+    assert changed["data"]["train"][1] == {"path": "b", "limit": 50} and changed["count"] == 7
+    assert changed["new"]["section"]["value"] == [1, 2] and raw["count"] == 3
+    with pytest.raises(SynferError, match=r"^data.train.5: .*index below 2"):
+        apply_overrides(raw, ["data.train.5.limit=1"])
+    with pytest.raises(SynferError, match=r"^count.x: .*count is a value"):
+        apply_overrides(raw, ["count.x=1"])
+    with pytest.raises(SynferError, match="^override: "):
+        apply_overrides(raw, ["count"])
