@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synfer_ray import taxonomy
@@ -33,7 +34,7 @@ _IDENTITY_KEYS = ("count", "seed", "class_mix", "aus", "sampling", "labeling", "
 
 
 def _check_classifier_dir(path: str, field: str) -> None:
-    if not (Path(path) / "config.json").is_file() and "://" not in path and not Path(path).is_dir():
+    if not (Path(path) / "config.json").is_file():
         raise SynferError(field, path, "a directory holding a saved FER classifier (config.json + safetensors)")
 
 
@@ -237,7 +238,7 @@ def inspect_dataset(uri: str) -> tuple[dict | None, list[str]]:
         if hashlib.sha256(data).hexdigest() != record["sha256"]:
             problems.append(f"{plan.file_name(k)}: sha256 differs from its record (file changed or torn)")
             continue
-        ids = pq.read_table(pa_buffer(data), columns=["sample_id"]).column("sample_id").to_numpy()
+        ids = pq.read_table(pa.BufferReader(data), columns=["sample_id"]).column("sample_id").to_numpy()
         start, stop = plan.rows(k)
         if len(ids) != record["rows"] or len(set(ids.tolist())) != len(ids) or \
                 (len(ids) and (ids.min() < start or ids.max() >= stop)):
@@ -247,7 +248,3 @@ def inspect_dataset(uri: str) -> tuple[dict | None, list[str]]:
         problems.append(f"card says {card['rows']} rows, shards hold {seen}")
     return card, problems
 
-
-def pa_buffer(data: bytes):
-    import pyarrow as pa
-    return pa.BufferReader(data)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -26,7 +29,8 @@ pytestmark = pytest.mark.slow
 def head_node(tmp_path_factory):
     """A one-node cluster of our own, with its own temp dir, ports and auth token."""
     root = tmp_path_factory.mktemp("cluster")
-    temp_dir = root / "ray"
+    # Short: Ray's AF_UNIX socket paths under it must stay within 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     dashboard = free_port()
@@ -38,12 +42,25 @@ def head_node(tmp_path_factory):
                     "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
                     *[f"{flag}={port}" for flag, port in ports.items()]],
                    env=env, check=True, capture_output=True, timeout=120)
-    yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "root": root}
-    # `ray stop` would stop every Ray on this machine, the test session's own cluster too; stop
-    # only the processes of this cluster (they all carry its temp dir on their command line).
-    for process in psutil.process_iter(["cmdline"]):
-        if str(temp_dir) in " ".join(process.info["cmdline"] or []):
-            process.kill()
+    import requests
+    try:
+        deadline = time.monotonic() + 180  # the dashboard (Jobs API) comes up after `ray start` returns
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"http://127.0.0.1:{dashboard}/api/version", timeout=5)
+                break
+            except requests.ConnectionError:
+                time.sleep(1)
+        else:
+            pytest.fail("the Jobs API did not come up in 180 s")
+        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "root": root}
+    finally:
+        # `ray stop` would stop every Ray on this machine, the test session's own cluster too; stop
+        # only the processes of this cluster (they all carry its temp dir on their command line).
+        for process in psutil.process_iter(["cmdline"]):
+            if str(temp_dir) in " ".join(process.info["cmdline"] or []):
+                process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_pipeline_job_submitted_with_token_auth(head_node, mlflow_server, separable_parquet):
@@ -70,7 +87,7 @@ def test_pipeline_job_submitted_with_token_auth(head_node, mlflow_server, separa
     anonymous = {k: v for k, v in head_node["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     refused = subprocess.run(submit, env={**anonymous, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
                              text=True, timeout=120)
-    assert refused.returncode != 0
+    assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
 
     done = subprocess.run(submit, env=head_node["env"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

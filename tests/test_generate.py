@@ -203,3 +203,21 @@ def test_unwritable_output_is_named(monkeypatch, tiny_bundle_path, tmp_path):
     with pytest.raises(SynferError, match="^output: .*can write"):
         run_generate(build_config(GenerateConfig, raw), progress=False)
     assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.slow
+def test_inspect_finds_a_changed_shard(first_run, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from synfer_ray.cli import app
+    output, _ = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    result = CliRunner().invoke(app, ["inspect", str(copy)])
+    assert result.exit_code == 0 and "all shards intact" in result.output
+    victim = sorted((copy / "data").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    result = CliRunner().invoke(app, ["inspect", str(copy)])
+    assert result.exit_code == 1 and "sha256 differs" in result.output
