@@ -164,6 +164,16 @@ def inspect(path: str = typer.Argument(..., help="Dataset directory or URI.")) -
     typer.echo("all shards intact")
 
 
+def _echo_train_summary(summary: dict, tracking) -> None:
+    from synfer_ray.tracking import tracking_uri
+    typer.echo(f"best epoch {summary['best_epoch']}: val accuracy {summary['best_val_accuracy']:.4f}")
+    if "test" in summary:
+        typer.echo("test: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items() if isinstance(v, float)))
+    typer.echo(f"model: {summary['model']}")
+    if summary.get("mlflow_run_id"):
+        typer.echo(f"mlflow run: {summary['mlflow_run_id']} ({tracking_uri(tracking)})")
+
+
 @app.command("train")
 def train(
     config: str = typer.Option(..., "--config", "-c", help="YAML config path."),
@@ -172,20 +182,13 @@ def train(
 ) -> None:
     """Train a FER classifier on Ray Train + DeepSpeed, evaluate it on real faces, track it in MLflow."""
     from synfer_ray.config import TrainConfig, load_config
-    from synfer_ray.evaluate import format_report
     from synfer_ray.train.fer import run_train
     try:
         parsed = load_config(TrainConfig, _config_path(config), overrides or [])
         summary = run_train(parsed, overwrite=overwrite)
     except SynferError as error:
         _fail(error)
-    typer.echo(f"best epoch {summary['best_epoch']}: val accuracy {summary['best_val_accuracy']:.4f}")
-    if "test" in summary:
-        typer.echo("test: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items() if isinstance(v, float)))
-    typer.echo(f"model: {summary['model']}")
-    if summary.get("mlflow_run_id"):
-        from synfer_ray.tracking import tracking_uri
-        typer.echo(f"mlflow run: {summary['mlflow_run_id']} ({tracking_uri(parsed.tracking)})")
+    _echo_train_summary(summary, parsed.tracking)
 
 
 @app.command("pipeline")
@@ -205,11 +208,7 @@ def pipeline(
         summary = run_train(parsed.train)
     except SynferError as error:
         _fail(error)
-    typer.echo(f"best epoch {summary['best_epoch']}: val accuracy {summary['best_val_accuracy']:.4f}")
-    if "test" in summary:
-        typer.echo("test: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items() if isinstance(v, float)))
-    typer.echo(f"model: {summary['model']}")
-    typer.echo(f"mlflow run: {summary.get('mlflow_run_id')}")
+    _echo_train_summary(summary, parsed.train.tracking)
 
 
 @app.command("evaluate")
