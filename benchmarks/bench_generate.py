@@ -24,7 +24,6 @@ import psutil
 def _plain_loop(bundle: str, rows: int, batch: int, steps: int, queue) -> None:
     import torch
 
-    from synfer_ray import taxonomy
     from synfer_ray.bundle import load_bundle
     from synfer_ray.data.manifest import ManifestSpec, manifest_rows
     from synfer_ray.generator.rows import generate_rows

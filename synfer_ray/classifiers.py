@@ -50,6 +50,18 @@ class FERClassifier(nn.Module):
         self.model.save_pretrained(str(path), safe_serialization=True)
 
 
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, images, batch_size: int = 256):
+    """(rows, H, W, 3) uint8 numpy images -> (rows, classes) softmax probabilities (numpy)."""
+    import numpy as np
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
+        out.append(torch.softmax(model(pixels), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def tiny_resnet(classes: Sequence[str], image_size: int = 48, seed: int = 0) -> FERClassifier:
     """A ~40K-parameter ResNet: the small-CNN preset for tests and the tiny bundle."""
     config = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -36,17 +35,6 @@ def metrics_from_confusion(matrix: np.ndarray, classes: Sequence[str]) -> dict:
         "confusion_matrix": matrix.tolist(),
         "classes": list(classes),
     }
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """(rows, H, W, 3) uint8 -> (rows, classes) probabilities."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
-        out.append(torch.softmax(model(pixels), dim=1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
 
 
 def plot_confusion(report: dict, path: Path, title: str = "confusion matrix (row-normalised)") -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import sys
 import tempfile
 import time
@@ -103,10 +104,13 @@ def _versions() -> dict[str, str]:
             "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
 
 
-def build_card(config: GenerateConfig, job: GenerateJob, store: ShardStore, wall_seconds: float,
+LABEL_COLUMNS = ["target", "label", "accepted", "confidence"]
+
+
+def build_card(config: GenerateConfig, job: GenerateJob, store: ShardStore, table: pa.Table, wall_seconds: float,
                made_rows: int) -> dict[str, Any]:
+    """The dataset card; ``table`` holds LABEL_COLUMNS of every committed row."""
     plan = job.plan
-    table = store.read_table(plan, columns=["target", "label", "accepted", "confidence"])
     target = np.asarray(table.column("target").to_pylist())
     label = np.asarray(table.column("label").to_pylist())
     accepted = table.column("accepted").to_numpy(zero_copy_only=False)
@@ -140,7 +144,7 @@ def build_card(config: GenerateConfig, job: GenerateJob, store: ShardStore, wall
     }
 
 
-def write_report(job: GenerateJob, store: ShardStore, card: dict, directory: Path) -> list[Path]:
+def write_report(job: GenerateJob, store: ShardStore, card: dict, labels: pa.Table, directory: Path) -> list[Path]:
     from synfer_ray.reports import confidence_histograms, contact_sheet
     classes = card["classes"]
     per_class: dict[str, list[bytes]] = {c: [] for c in classes}
@@ -152,7 +156,6 @@ def write_report(job: GenerateJob, store: ShardStore, card: dict, directory: Pat
                 per_class[target].append(image)
         if all(len(v) >= 8 for v in per_class.values()):
             break
-    labels = store.read_table(job.plan, columns=["label", "confidence"])
     return [
         contact_sheet(per_class, classes, directory / "contact_sheet.png"),
         confidence_histograms(labels.column("confidence").to_numpy(), labels.column("label").to_pylist(),
@@ -196,26 +199,22 @@ def run_generate(config: GenerateConfig, overwrite: bool = False, progress: bool
         if missing:
             raise RuntimeError(f"{len(missing)} shard(s) were not committed ({missing[:10]}); "
                                f"run the same command again to make only those")
-        card = build_card(config, job, store, time.perf_counter() - began, made)
+        labels = store.read_table(plan, columns=LABEL_COLUMNS)
+        card = build_card(config, job, store, labels, time.perf_counter() - began, made)
         store.write_json(CARD_NAME, card)
         store.fs.create_dir(store.path("report"), recursive=True)
         with tempfile.TemporaryDirectory() as scratch:
-            for path in write_report(job, store, card, Path(scratch)):
+            for path in write_report(job, store, card, labels, Path(scratch)):
                 with store.fs.open_output_stream(store.path("report", path.name)) as stream:
                     stream.write(path.read_bytes())
                 run.log_artifact(path, "report")
+            card_copy = Path(scratch) / CARD_NAME
+            card_copy.write_text(json.dumps(card, indent=2))
+            run.log_artifact(card_copy)
         run.log_metrics({"rows": card["rows"], "acceptance_rate": card["acceptance_rate"],
                          "images_per_second": card["timing"]["images_per_second_this_run"] or 0.0})
-        run.log_artifact(_local_copy(store, CARD_NAME), None)
         card["mlflow_run_id"] = run.run_id
         return card
-
-
-def _local_copy(store: ShardStore, relative: str) -> Path:
-    target = Path(tempfile.mkdtemp()) / relative
-    with store.fs.open_input_stream(store.path(relative)) as stream:
-        target.write_bytes(stream.read())
-    return target
 
 
 def inspect_dataset(uri: str) -> tuple[dict | None, list[str]]:

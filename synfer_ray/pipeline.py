@@ -85,14 +85,9 @@ class LabelShard:
     def __init__(self, job: GenerateJob):
         import torch
 
-        from synfer_ray.classifiers import load_classifier
-        from synfer_ray.labeler.ensemble import PseudoLabeler, Voter
+        from synfer_ray.labeler.ensemble import PseudoLabeler, load_voters
         torch.set_num_threads(job.labeler.torch_threads)
-        voters = []
-        for index, voter in enumerate(job.labeling.voters):
-            model = load_classifier(voter.path, field=f"labeling.voters[{index}].path").to(_device(job.labeler))
-            voters.append(Voter(voter.name or os.path.basename(voter.path.rstrip("/")), model, model.classes,
-                                voter.weight))
+        voters = load_voters(job.labeling.voters, _device(job.labeler))
         self.labeler = PseudoLabeler(voters, job.spec.classes, job.labeling.tau,
                                      job.labeling.require_target_agreement, job.labeler.batch_size)
         self.keep_rejected = job.labeling.keep_rejected

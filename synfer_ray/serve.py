@@ -87,18 +87,14 @@ class SynferGenerator:
         import torch
 
         from synfer_ray.bundle import load_bundle
-        from synfer_ray.classifiers import load_classifier
         from synfer_ray.generator.sampler import GuidedSampler
-        from synfer_ray.labeler.ensemble import PseudoLabeler, Voter
+        from synfer_ray.labeler.ensemble import PseudoLabeler, Voter, load_voters
         self.config = build_config(ServeConfig, config)
         torch.set_num_threads(self.config.torch_threads)
         device = "cuda" if self.config.num_gpus > 0 else "cpu"
         self.bundle = load_bundle(self.config.bundle).to(device)
         self.sampler = GuidedSampler(self.bundle, device=device)
-        voters = [Voter(v.name or os.path.basename(v.path.rstrip("/")), load_classifier(v.path), [], v.weight)
-                  for v in self.config.voters]
-        for voter in voters:
-            voter.classes = voter.model.classes
+        voters = load_voters(self.config.voters, device, field="voters")
         if not voters and self.bundle.sg_classifier is not None:
             voters = [Voter("sg_classifier", self.bundle.sg_classifier, self.bundle.sg_classifier.classes)]
         self.labeler = PseudoLabeler(voters, self.bundle.classes)

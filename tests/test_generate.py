@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -9,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from synfer_ray.classifiers import load_classifier, predict_probabilities
+from synfer_ray.config import VoterConfig
 from synfer_ray.images import decode_rgb
 from synfer_ray.labeler.rectify import align_probabilities, rectify
 
@@ -21,6 +24,16 @@ class Voter:
     weight: float = 1.0
 
 
+def load_voters(voters: Sequence[VoterConfig], device: str = "cpu", field: str = "labeling.voters") -> list[Voter]:
+    """Load each configured voter once; its name defaults to its directory's name."""
+    loaded = []
+    for index, voter in enumerate(voters):
+        model = load_classifier(voter.path, field=f"{field}[{index}].path").to(device)
+        loaded.append(Voter(voter.name or os.path.basename(voter.path.rstrip("/")), model, model.classes,
+                            voter.weight))
+    return loaded
+
+
 class PseudoLabeler:
     def __init__(self, voters: Sequence[Voter], classes: Sequence[str], tau: float = 0.5,
                  require_target_agreement: bool = False, batch_size: int = 64):
@@ -30,17 +43,11 @@ class PseudoLabeler:
         self.require_target_agreement = require_target_agreement
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(voters, rows, dataset classes) probabilities for (rows, H, W, 3) uint8 images."""
-        votes = []
-        for voter in self.voters:
-            chunks = []
-            for start in range(0, len(images), self.batch_size):
-                pixels = torch.from_numpy(images[start:start + self.batch_size]).permute(0, 3, 1, 2).float() / 255
-                chunks.append(torch.softmax(voter.model(pixels), dim=1).numpy())
-            votes.append(align_probabilities(np.concatenate(chunks), voter.classes, self.classes, voter.name))
-        return np.stack(votes)
+        return np.stack([align_probabilities(predict_probabilities(voter.model, images, self.batch_size),
+                                             voter.classes, self.classes, voter.name)
+                         for voter in self.voters])
 
     def label_table(self, table: pa.Table) -> pa.Table:
         """Append votes, soft label, final label, confidence and the accepted flag to ``table``."""

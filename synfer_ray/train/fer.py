@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -346,9 +345,9 @@ def evaluate_model(model_path: str | Path, data_path: str, batch_size: int = 256
     """Evaluate a saved classifier on labelled faces (in this process; skipped images counted)."""
     import pyarrow.dataset as pads
 
-    from synfer_ray.classifiers import load_classifier
+    from synfer_ray.classifiers import load_classifier, predict_probabilities
     from synfer_ray.data.faces import decode_faces
-    from synfer_ray.evaluate import confusion_matrix, metrics_from_confusion, predict
+    from synfer_ray.evaluate import confusion_matrix, metrics_from_confusion
     model = load_classifier(model_path, field="model")
     classes = tuple(model.classes)
     source = resolve_source(data_path, "data")
@@ -362,7 +361,7 @@ def evaluate_model(model_path: str | Path, data_path: str, batch_size: int = 256
         valid = decoded["valid"]
         skipped += int((~valid).sum())
         if valid.any():
-            predicted = predict(model, decoded["pixels"][valid], batch_size).argmax(axis=1)
+            predicted = predict_probabilities(model, decoded["pixels"][valid], batch_size).argmax(axis=1)
             matrix += confusion_matrix(decoded["target"][valid].argmax(axis=1), predicted, len(classes))
     report = metrics_from_confusion(matrix, classes)
     report["skipped"] = skipped
