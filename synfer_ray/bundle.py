@@ -27,6 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from synfer_ray import taxonomy
+from synfer_ray.config import GeneratorArchitecture
 from synfer_ray.classifiers import FERClassifier, load_classifier, tiny_resnet
 from synfer_ray.errors import SynferError
 from synfer_ray.generator.au_adapter import AUAdapter, install_au_adapter
@@ -45,6 +46,8 @@ class BundleManifest:
     base_model: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # How the weights were made: data set hash, config, figures (None for random or imported weights).
+    training: dict | None = None
 
     @classmethod
     def read(cls, path: Path) -> "BundleManifest":
@@ -58,7 +61,8 @@ class BundleManifest:
             manifest = cls(classes=tuple(raw["classes"]), au_names=tuple(raw["au_names"]),
                            resolution=int(raw["resolution"]), content_hash=str(raw["content_hash"]),
                            base_model=raw.get("base_model"), versions=dict(raw.get("versions", {})),
-                           format_version=int(raw.get("format_version", FORMAT_VERSION)))
+                           format_version=int(raw.get("format_version", FORMAT_VERSION)),
+                           training=raw.get("training"))
         except (ValueError, KeyError, TypeError) as error:
             raise SynferError(f"bundle/{MANIFEST_NAME}", str(manifest_path),
                               f"JSON with classes, au_names, resolution and content_hash ({error!r})") from error
@@ -134,7 +138,8 @@ def _load_component(loader, source: str, subfolder: str, **kwargs):
                           f"({type(error).__name__}: {str(error)[:300]})") from error
 
 
-def load_bundle(path: str | Path, verify: bool = True, sg_classifier: str | Path | None = None) -> Bundle:
+def load_bundle(path: str | Path, verify: bool = True, sg_classifier: str | Path | None = None,
+                dtype: torch.dtype = torch.float32) -> Bundle:
     """Load a bundle for inference: every component frozen and in eval mode, adapter installed.
 
     ``verify`` recomputes the content hash so a changed or truncated file is caught here, not as
@@ -163,14 +168,15 @@ def load_bundle(path: str | Path, verify: bool = True, sg_classifier: str | Path
         classifier = load_classifier(classifier_path, field="sg_classifier")
     for module in (unet, vae, text_encoder, adapter, classifier):
         if module is not None:
-            module.eval().requires_grad_(False)
+            # Shipped bundles may hold fp16 weights; compute in ``dtype`` (fp32 on CPU).
+            module.to(dtype).eval().requires_grad_(False)
     return Bundle(path, manifest, unet, vae, text_encoder, tokenizer, scheduler, adapter, classifier)
 
 
 def save_bundle(path: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,
                 text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler: DDIMScheduler,
                 au_adapter: AUAdapter, classes: Sequence[str], resolution: int,
-                sg_classifier: FERClassifier | None = None) -> BundleManifest:
+                sg_classifier: FERClassifier | None = None, training: dict | None = None) -> BundleManifest:
     """Write every component and then the manifest, whose hash seals the directory."""
     # Imported here: the pipeline module drags in image processors that warn about torchvision.
     from diffusers import StableDiffusionPipeline
@@ -181,19 +187,77 @@ def save_bundle(path: str | Path, *, unet: UNet2DConditionModel, vae: Autoencode
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipeline.save_pretrained(path, safe_serialization=True)
-    return _seal(path, au_adapter, classes, resolution, sg_classifier, base_model=None)
+    return _seal(path, au_adapter, classes, resolution, sg_classifier, base_model=None, training=training)
 
 
 def _seal(path: Path, au_adapter: AUAdapter, classes: Sequence[str], resolution: int,
-          sg_classifier: FERClassifier | None, base_model: str | None) -> BundleManifest:
+          sg_classifier: FERClassifier | None, base_model: str | None,
+          training: dict | None = None) -> BundleManifest:
     au_adapter.save_pretrained(path / "au_adapter", safe_serialization=True)
     if sg_classifier is not None:
         sg_classifier.save_pretrained(path / "sg_classifier")
     manifest = BundleManifest(classes=tuple(classes), au_names=tuple(au_adapter.config.au_names),
                               resolution=resolution, base_model=base_model, versions=_versions(),
-                              content_hash=content_hash(path, base_model))
+                              training=training, content_hash=content_hash(path, base_model))
     manifest.write(path)
     return manifest
+
+
+def seal_bundle(path: str | Path, classes: Sequence[str], resolution: int,
+                sg_classifier: FERClassifier | None = None, training: dict | None = None,
+                base_model: str | None = None) -> BundleManifest:
+    """Write the manifest of a directory that already holds its components and ``au_adapter/``."""
+    path = Path(path)
+    adapter = _load_component(AUAdapter, str(path), "au_adapter", use_safetensors=True)
+    return _seal(path, adapter, classes, resolution, sg_classifier, base_model=base_model, training=training)
+
+
+def export_bundle(source: str | Path, target: str | Path, dtype: torch.dtype = torch.float16) -> BundleManifest:
+    """A copy of ``source`` with every floating-point weight stored as ``dtype`` (fp16 halves the size
+    of a shipped bundle); same manifest, new content hash. Loading upcasts again (``load_bundle``)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    source, target = Path(source), Path(target)
+    manifest = BundleManifest.read(source)
+    staged = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(source, staged)
+    for file in staged.rglob("*.safetensors"):
+        from safetensors import safe_open
+        with safe_open(str(file), "pt") as handle:
+            metadata = handle.metadata()
+        tensors = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                   for name, tensor in load_file(file).items()}
+        save_file(tensors, file, metadata=metadata)
+    exported = BundleManifest(classes=manifest.classes, au_names=manifest.au_names, resolution=manifest.resolution,
+                              base_model=manifest.base_model, versions=manifest.versions, training=manifest.training,
+                              content_hash=content_hash(staged, manifest.base_model))
+    exported.write(staged)
+    shutil.rmtree(target, ignore_errors=True)
+    staged.rename(target)
+    return exported
+
+
+def new_bundle_version(source: str | Path, target: str | Path, replace: dict[str, Path],
+                       training_step: dict) -> BundleManifest:
+    """Copy bundle ``source`` to ``target`` with some sub-folders replaced (``{"au_adapter": dir}``),
+    its training record extended by ``training_step``, and a new content hash."""
+    import shutil
+    source, target = Path(source), Path(target)
+    manifest = BundleManifest.read(source)
+    staged = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(source, staged, ignore=shutil.ignore_patterns(MANIFEST_NAME, *replace))
+    for name, directory in replace.items():
+        shutil.copytree(directory, staged / name)
+    training = dict(manifest.training or {})
+    training["steps"] = list(training.get("steps", [])) + [{**training_step, "from": manifest.content_hash}]
+    sealed = seal_bundle(staged, manifest.classes, manifest.resolution, training=training,
+                         base_model=manifest.base_model)
+    shutil.rmtree(target, ignore_errors=True)
+    staged.rename(target)
+    return sealed
 
 
 def init_bundle(path: str | Path, base_model: str, classes: Sequence[str] = taxonomy.AFFECTNET_7,
@@ -268,34 +332,73 @@ def _prompt_words() -> list[str]:
     return sorted(set(re.findall(r"[a-z]+", text.lower())))
 
 
+TINY_ARCHITECTURE = dict(vae_channels=[16, 32, 32], vae_norm_groups=8, unet_channels=[32, 64],
+                         unet_attention_levels=[True, False], attention_head_dim=4, norm_groups=8,
+                         text_hidden=64, text_layers=2, text_heads=2, au_tokens=4, adapter_hidden=64)
+
+
+@dataclass
+class GeneratorComponents:
+    """Freshly initialised generator parts, before any training."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    au_adapter: AUAdapter
+
+    def save(self, path: str | Path, classes: Sequence[str], resolution: int,
+             sg_classifier: FERClassifier | None = None, training: dict | None = None) -> BundleManifest:
+        return save_bundle(path, unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
+                           tokenizer=self.tokenizer, scheduler=self.scheduler, au_adapter=self.au_adapter,
+                           classes=classes, resolution=resolution, sg_classifier=sg_classifier,
+                           training=training)
+
+
+def new_generator(architecture: GeneratorArchitecture, seed: int = 0) -> GeneratorComponents:
+    """Random-weight SD-layout components sized by ``architecture``; the same seed gives the same weights."""
+    arch = architecture
+    tokenizer = build_tiny_tokenizer(_prompt_words())
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=arch.text_hidden, intermediate_size=2 * arch.text_hidden,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads, max_position_embeddings=77,
+        projection_dim=arch.text_hidden, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(seed + 1)
+    levels = len(arch.vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=arch.latent_channels,
+                        block_out_channels=tuple(arch.vae_channels), down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1,
+                        norm_num_groups=arch.vae_norm_groups, sample_size=arch.resolution)
+    torch.manual_seed(seed + 2)
+    attention = arch.unet_attention_levels
+    unet = UNet2DConditionModel(
+        sample_size=arch.resolution // 2 ** (levels - 1), in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels, layers_per_block=arch.unet_layers_per_block,
+        block_out_channels=tuple(arch.unet_channels),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        cross_attention_dim=arch.text_hidden, attention_head_dim=arch.attention_head_dim,
+        norm_num_groups=arch.norm_groups)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    torch.manual_seed(seed + 3)
+    adapter = AUAdapter.for_unet(unet, list(taxonomy.au_set(arch.au_set)), n_tokens=arch.au_tokens,
+                                 hidden_dim=arch.adapter_hidden)
+    return GeneratorComponents(unet, vae, text_encoder, tokenizer, scheduler, adapter)
+
+
 def make_tiny_bundle(path: str | Path, seed: int = 0, resolution: int = 48,
                      classes: Sequence[str] = taxonomy.AFFECTNET_7,
                      au_names: Sequence[str] = taxonomy.FINEFACE_12) -> BundleManifest:
     """A small random-weight bundle in the real layout; the same arguments give the same bytes."""
     if resolution % 4:
         raise SynferError("resolution", resolution, "a multiple of 4 (the tiny VAE downsamples by 4)")
-    tokenizer = build_tiny_tokenizer(_prompt_words())
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=64,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        layers_per_block=1, norm_num_groups=8, sample_size=resolution)
-    torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(
-        sample_size=resolution // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-        attention_head_dim=4, norm_num_groups=8)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    torch.manual_seed(seed + 3)
-    adapter = AUAdapter.for_unet(unet, list(au_names), n_tokens=4, hidden_dim=64)
+    au_set = next((name for name, names in taxonomy.AU_SETS.items() if tuple(names) == tuple(au_names)), None)
+    if au_set is None:
+        raise SynferError("au_names", list(au_names), f"one of the AU sets {sorted(taxonomy.AU_SETS)}")
+    parts = new_generator(GeneratorArchitecture(resolution=resolution, au_set=au_set, **TINY_ARCHITECTURE), seed)
     classifier = tiny_resnet(list(classes), image_size=resolution, seed=seed + 4)
-    return save_bundle(path, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                       scheduler=scheduler, au_adapter=adapter, classes=classes, resolution=resolution,
-                       sg_classifier=classifier)
+    return parts.save(path, classes, resolution, sg_classifier=classifier)

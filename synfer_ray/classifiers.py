@@ -62,6 +62,28 @@ def predict_probabilities(model: nn.Module, images, batch_size: int = 256):
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+@torch.no_grad()
+def embed_images(model: nn.Module, images, batch_size: int = 256):
+    """(rows, H, W, 3) uint8 -> (rows, D) features before the classifier head (numpy): the last
+    hidden state, pooled over space or tokens; models without one fall back to their logits."""
+    import numpy as np
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
+        if isinstance(model, FERClassifier):
+            if pixels.shape[-1] != model.image_size:
+                pixels = F.interpolate(pixels, size=(model.image_size,) * 2, mode="bilinear", align_corners=False,
+                                       antialias=True)
+            hidden = model.model(pixel_values=(pixels - model.mean) / model.std,
+                                 output_hidden_states=True).hidden_states[-1]
+            features = hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden.mean(dim=1)
+        else:
+            features = model(pixels)
+        out.append(features.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def tiny_resnet(classes: Sequence[str], image_size: int = 48, seed: int = 0) -> FERClassifier:
     """A ~40K-parameter ResNet: the small-CNN preset for tests and the tiny bundle."""
     config = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
@@ -71,15 +93,19 @@ def tiny_resnet(classes: Sequence[str], image_size: int = 48, seed: int = 0) -> 
     return FERClassifier(AutoModelForImageClassification.from_config(config), image_size).eval()
 
 
-def load_classifier(source: str | Path, field: str = "classifier") -> FERClassifier:
-    """Load a classifier saved by :meth:`FERClassifier.save_pretrained`, or any hub id / path."""
+def load_classifier(source: str | Path, field: str = "classifier") -> nn.Module:
+    """Load a classifier saved by :meth:`FERClassifier.save_pretrained`, a FERAnno labeler, or any
+    transformers image classifier (hub id / path). Each maps RGB [0, 1] images to logits."""
+    from synfer_ray.labeler.feranno import is_feranno, load_feranno
+    if is_feranno(source):
+        return load_feranno(source, field=field)
     try:
         model = AutoModelForImageClassification.from_pretrained(str(source), use_safetensors=True)
     except (OSError, ValueError) as error:
         raise SynferError(field, str(source), f"a directory or hub id holding a transformers "
                                               f"image classifier with safetensors weights ({error})") from error
     image_size = getattr(model.config, "synfer_image_size", None) or getattr(model.config, "image_size", 224)
-    return FERClassifier(model, int(image_size)).eval()
+    return FERClassifier(model.float(), int(image_size)).eval()  # fp16-shipped weights compute in fp32
 
 
 def _backbone_config(arch: str, classes: Sequence[str], image_size: int):
@@ -89,6 +115,9 @@ def _backbone_config(arch: str, classes: Sequence[str], image_size: int):
     if arch == "small_cnn":
         return ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
                             layer_type="basic", **labels)
+    if arch == "small_convnext":  # a different family from small_cnn, for an independent evaluator
+        return ConvNextConfig(num_channels=3, patch_size=2, num_stages=3, depths=[2, 2, 2], hidden_sizes=[48, 96, 192],
+                              **labels)
     if arch == "resnet18":
         return ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
                             layer_type="basic", **labels)
@@ -102,13 +131,20 @@ def _backbone_config(arch: str, classes: Sequence[str], image_size: int):
     raise SynferError("model.arch", arch, f"one of {list(ARCHITECTURES)}")
 
 
-ARCHITECTURES = ("small_cnn", "resnet18", "resnet50", "vit_b", "convnext_t")
+ARCHITECTURES = ("small_cnn", "small_convnext", "feranno", "resnet18", "resnet50", "vit_b", "convnext_t")
 
 
 def build_classifier(arch: str, classes: Sequence[str], image_size: int, pretrained: str | None = None,
-                     seed: int = 0) -> FERClassifier:
+                     seed: int = 0, bundle: str | None = None, labeler: dict | None = None) -> nn.Module:
     """A backbone from its transformers config (random init), or ``pretrained`` weights with a new
-    head over ``classes`` when the label sets differ."""
+    head over ``classes`` when the label sets differ; ``feranno`` is a fresh FERAnno head over the
+    frozen diffusion features of ``bundle`` (``labeler`` holds its feature settings and sizes)."""
+    if arch == "feranno":
+        from synfer_ray.labeler.features import settings_from_config
+        from synfer_ray.labeler.feranno import new_feranno
+        labeler = dict(labeler or {})
+        dim, heads = labeler.pop("dim", 128), labeler.pop("heads", 4)
+        return new_feranno(bundle, classes, settings_from_config(labeler), dim=dim, heads=heads, seed=seed)
     if pretrained:
         labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
                   "label2id": {c: i for i, c in enumerate(classes)}}

@@ -14,6 +14,8 @@ app = typer.Typer(help="Make labelled synthetic facial-expression datasets with 
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 bundle_app = typer.Typer(help="Create and inspect model bundles.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
+data_app = typer.Typer(help="Bring labelled faces into the schema every job reads.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 
 def _fail(error: SynferError) -> None:
@@ -59,6 +61,27 @@ def bundle_init(
     typer.echo(f"wrote {path} over {base} (content hash {manifest.content_hash[:16]})")
 
 
+@bundle_app.command("export")
+def bundle_export(
+    source: Path = typer.Argument(..., help="Bundle directory."),
+    target: Path = typer.Argument(..., help="Where to write the copy."),
+    dtype: str = typer.Option("fp16", help="fp16 or bf16 (the weights' storage type)."),
+) -> None:
+    """Copy a bundle with its weights stored in half precision (for shipping); loads back in fp32."""
+    import torch
+
+    from synfer_ray.bundle import export_bundle
+    types = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    try:
+        if dtype not in types:
+            raise SynferError("--dtype", dtype, "fp16 or bf16")
+        manifest = export_bundle(source, target, types[dtype])
+    except SynferError as error:
+        _fail(error)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    typer.echo(f"wrote {target} ({size / 2**20:.1f} MiB, content hash {manifest.content_hash[:16]})")
+
+
 @bundle_app.command("info")
 def bundle_info(path: Path = typer.Argument(..., help="Bundle directory.")) -> None:
     """Print a bundle's manifest after checking its content hash."""
@@ -73,6 +96,44 @@ def bundle_info(path: Path = typer.Argument(..., help="Bundle directory.")) -> N
     typer.echo(json.dumps({**asdict(manifest), "intact": intact}, indent=2))
     if not intact:
         raise typer.Exit(code=1)
+
+
+@data_app.command("import")
+def data_import(
+    source: Path = typer.Argument(..., help="Image folder per class, FER-2013-style CSV, or Parquet."),
+    out: Path = typer.Argument(..., help="Output directory (train.parquet, validation.parquet, report)."),
+    kind: str = typer.Option("auto", help="auto, folder, csv or parquet."),
+    expressions: str = typer.Option("affectnet7", help="Class set: affectnet7 or affectnet8."),
+    label_map: Optional[str] = typer.Option(None, help="SOURCE=CLASS pairs (0=anger,1=disgust) or a JSON/YAML file."),
+    image_column: str = typer.Option("image", help="Parquet: the image-bytes column."),
+    label_column: str = typer.Option("label", help="Parquet/CSV: the label column (CSV default: emotion)."),
+    caption_column: Optional[str] = typer.Option(None, help="Parquet: a caption column."),
+    aus_column: Optional[str] = typer.Option(None, help="Parquet: an AU-vector column."),
+    au_set: Optional[str] = typer.Option(None, help="AU names of the AU column: fineface12 or opengraphau41."),
+    id_column: Optional[str] = typer.Option(None, help="Parquet: a stable row id (default: file:row)."),
+    val_fraction: float = typer.Option(0.1, help="Share of rows for validation (by id hash)."),
+    seed: int = typer.Option(0, help="Seed of the split hash."),
+    skip_bad: bool = typer.Option(False, help="Drop corrupt images and unknown labels (listed in the report)."),
+) -> None:
+    """Convert labelled faces into the labelled-faces Parquet schema, split train/validation by id hash."""
+    from synfer_ray import taxonomy
+    from synfer_ray.data.importer import ImportOptions, class_counts_table, import_faces, parse_label_map
+    try:
+        classes = taxonomy.expression_set(expressions)
+        options = ImportOptions(kind=kind, classes=classes, label_map=parse_label_map(label_map),
+                                image_column=image_column, label_column=label_column,
+                                caption_column=caption_column, aus_column=aus_column,
+                                au_names=taxonomy.au_set(au_set) if au_set else None, id_column=id_column,
+                                val_fraction=val_fraction, seed=seed, skip_bad=skip_bad)
+        report = import_faces(source, out, options)
+    except SynferError as error:
+        _fail(error)
+    typer.echo(class_counts_table(report, classes))
+    rejected = report["rejected"]
+    dropped = rejected["corrupt_images"]["count"] + sum(v["count"] for v in rejected["unknown_labels"].values())
+    if dropped:
+        typer.echo(f"dropped {dropped} rows (see {out / 'import_report.json'})")
+    typer.echo(f"wrote {out / 'train.parquet'} and {out / 'validation.parquet'}")
 
 
 def _parse_aus(pairs: list[str]) -> dict[str, float]:
@@ -189,6 +250,99 @@ def train(
     except SynferError as error:
         _fail(error)
     _echo_train_summary(summary, parsed.tracking)
+
+
+def _echo_generator_summary(summary: dict, tracking) -> None:
+    from synfer_ray.tracking import tracking_uri
+    for stage, last in summary.get("stages", {}).items():
+        if last:
+            typer.echo(f"{stage}: step {last['step']}, " + ", ".join(
+                f"{k} {v:.4g}" for k, v in last.items() if k != "step"))
+    for name, value in summary.get("quality", {}).items():
+        typer.echo(f"{name}: {value:.4f}")
+    typer.echo(f"bundle: {summary['bundle']} (content hash {summary['content_hash'][:16]})")
+    if summary.get("mlflow_run_id"):
+        typer.echo(f"mlflow run: {summary['mlflow_run_id']} ({tracking_uri(tracking)})")
+
+
+@app.command("train-generator")
+def train_generator(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config path, or a preset (faces-48, tiny-generator)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. unet.steps=200 data.limit=2000."),
+    from_bundle: Optional[str] = typer.Option(None, "--from", help="Fine-tune this bundle instead of starting fresh."),
+    overwrite: bool = typer.Option(False, help="Replace a finished run in the same output."),
+) -> None:
+    """Train a generator bundle (VAE, then UNet + text encoder + AU adapter) on labelled faces."""
+    from synfer_ray.config import GeneratorTrainConfig, load_config
+    from synfer_ray.train.generator import run_train_generator
+    try:
+        extra = [f"from_bundle={from_bundle}"] if from_bundle else []
+        parsed = load_config(GeneratorTrainConfig, _config_path(config), (overrides or []) + extra)
+        summary = run_train_generator(parsed, overwrite=overwrite)
+    except SynferError as error:
+        _fail(error)
+    _echo_generator_summary(summary, parsed.tracking)
+
+
+@app.command("train-labeler")
+def train_labeler(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config path (a train config; model.bundle set)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. optim.epochs=5 model.bundle=PATH."),
+    overwrite: bool = typer.Option(False, help="Replace a finished run in the same output."),
+) -> None:
+    """Train FERAnno (diffusion features -> classes) on labelled faces; install it in a new bundle version."""
+    from synfer_ray.config import TrainConfig, load_config
+    from synfer_ray.train.labeler import run_train_labeler
+    try:
+        parsed = load_config(TrainConfig, _config_path(config), ["model.arch=feranno", *(overrides or [])])
+        summary = run_train_labeler(parsed, overwrite=overwrite)
+    except SynferError as error:
+        _fail(error)
+    _echo_train_summary(summary, parsed.tracking)
+    typer.echo(f"bundle with labeler/: {summary['bundle']} (content hash {summary['bundle_hash'][:16]})")
+
+
+@app.command("train-adapter")
+def train_adapter(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config path."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. stage.steps=2000 bundle=PATH."),
+    overwrite: bool = typer.Option(False, help="Replace a finished run in the same output."),
+) -> None:
+    """Train a bundle's AU adapter (UNet, VAE, text encoder frozen) on image + caption + AU rows."""
+    from synfer_ray.config import AdapterTrainConfig, load_config
+    from synfer_ray.train.adapter import run_train_adapter
+    from synfer_ray.tracking import tracking_uri
+    try:
+        parsed = load_config(AdapterTrainConfig, _config_path(config), overrides or [])
+        summary = run_train_adapter(parsed, overwrite=overwrite)
+    except SynferError as error:
+        _fail(error)
+    if summary["history"]:
+        typer.echo(f"diffusion loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} "
+                   f"over {summary['history'][-1]['step']} steps")
+    typer.echo(f"bundle: {summary['bundle']} (content hash {summary['content_hash'][:16]})")
+    if summary.get("mlflow_run_id"):
+        typer.echo(f"mlflow run: {summary['mlflow_run_id']} ({tracking_uri(parsed.tracking)})")
+
+
+@app.command("study")
+def study(
+    config: str = typer.Option(..., "--config", "-c", help="Study YAML (configs/study.yaml)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. generation.per_class=50."),
+) -> None:
+    """SynFER's claims on real faces: guide + evaluator, generator, labeler, four conditions, downstream."""
+    from synfer_ray.config import StudyConfig, load_config
+    from synfer_ray.study import run_study
+    from synfer_ray.tracking import tracking_uri
+    try:
+        parsed = load_config(StudyConfig, _config_path(config), overrides or [])
+        results = run_study(parsed)
+    except SynferError as error:
+        _fail(error)
+    typer.echo(Path(results["report"]).read_text())
+    typer.echo(f"report: {results['report']}")
+    if results.get("mlflow_run_id"):
+        typer.echo(f"mlflow run: {results['mlflow_run_id']} ({tracking_uri(parsed.tracking)})")
 
 
 @app.command("pipeline")

@@ -7,6 +7,8 @@ any cluster work starts.
 from __future__ import annotations
 
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar
 
@@ -63,6 +65,8 @@ class LabelingConfig(_Strict):
     """The pseudo-label ensemble; with no voters every row keeps its target as its label."""
 
     voters: list[VoterConfig] = []
+    bundle_labeler: bool = True  # the bundle's FERAnno (labeler/), when it has one, votes too
+    bundle_labeler_weight: float = Field(1.0, gt=0)
     tau: float = Field(0.5, ge=0, le=1)
     require_target_agreement: bool = False
     keep_rejected: bool = True
@@ -86,6 +90,7 @@ class GenerateConfig(_Strict):
     count: int = Field(..., ge=1)
     seed: int = Field(0, ge=0)
     class_mix: dict[str, float] | None = None
+    class_assignment: Literal["sampled", "cycled"] = "sampled"  # cycled: row i is class i mod K
     aus: AUSamplingConfig = AUSamplingConfig()
     sampling: SamplingConfig = SamplingConfig()
     labeling: LabelingConfig = LabelingConfig()
@@ -94,6 +99,12 @@ class GenerateConfig(_Strict):
     labeler: PoolConfig = PoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=64)
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cycled_is_uniform(self):
+        if self.class_assignment == "cycled" and self.class_mix:
+            raise ValueError("class_assignment cycled gives every class the same share; drop class_mix or use sampled")
+        return self
 
     @field_validator("class_mix")
     @classmethod
@@ -186,13 +197,47 @@ def load_config(model: type[Config], path: str | Path | None, overrides: Sequenc
             raise SynferError("--config", str(path), f"valid YAML ({error})") from None
         if not isinstance(raw, dict):
             raise SynferError("--config", str(path), "a YAML mapping of settings at the top level")
-    return build_config(model, raw, overrides)
+    return build_config(model, expand_environment(raw), overrides)
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_environment(value: Any) -> Any:
+    """``${NAME}`` / ``${NAME:-default}`` in string values, so one config serves laptop and cluster."""
+    if isinstance(value, dict):
+        return {key: expand_environment(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_environment(item) for item in value]
+    if isinstance(value, str):
+        def substitute(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is None:
+                raise SynferError(f"${{{name}}}", value, f"the environment variable {name} set, "
+                                                         f"or a default written as ${{{name}:-DEFAULT}}")
+            return default
+        return _ENV_REFERENCE.sub(substitute, value)
+    return value
 
 
 class SourceConfig(_Strict):
     path: str
     limit: int | None = Field(None, ge=1)  # a seeded random subset of this many rows
+    # "k/n": only the rows whose image hash falls in part k of n (disjoint halves for a guide and
+    # an evaluator); duplicated images always land in the same part.
+    part: str | None = Field(None, pattern=r"^[1-9][0-9]*/[1-9][0-9]*$")
     accepted_only: bool = True  # synfer datasets: train on accepted rows only
+
+    @field_validator("part")
+    @classmethod
+    def _part_in_range(cls, part):
+        if part is not None:
+            index, count = map(int, part.split("/"))
+            if index > count:
+                raise ValueError(f"part {index} of {count} does not exist; write k/n with 1 <= k <= n")
+        return part
 
 
 class AugmentConfig(_Strict):
@@ -207,15 +252,37 @@ class TrainDataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)  # used when no validation source is given
     test: SourceConfig | None = None  # real held-out faces, evaluated after training
     labels: Literal["hard", "soft"] = "hard"
-    class_balanced_loss: bool = False
+    class_balanced_loss: bool = False  # weight the loss by inverse class frequency
+    class_balanced_sampling: bool = False  # resample rows so every class is seen equally often
     image_size: int = Field(48, ge=8)
     augment: AugmentConfig = AugmentConfig()
 
 
+class LabelerModelConfig(_Strict):
+    """FERAnno's diffusion features and head sizes (METHOD.md section 3)."""
+
+    timestep: int = Field(1, ge=0, le=999)
+    feature_blocks: list[str] = []  # empty: mid_block and every up block
+    attention_layers: list[str] = []  # empty: every mid/up cross-attention layer
+    attention_tokens: int = Field(8, ge=1, le=75)
+    size: int = Field(0, ge=0)  # feature grid; 0 = latent size, at most 16
+    dim: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+
+
 class ModelConfig(_Strict):
-    arch: Literal["small_cnn", "resnet18", "resnet50", "vit_b", "convnext_t"] = "small_cnn"
+    arch: Literal["small_cnn", "small_convnext", "feranno", "resnet18", "resnet50", "vit_b",
+                  "convnext_t"] = "small_cnn"
     pretrained: str | None = None
     expressions: str = "affectnet7"
+    bundle: str | None = None  # feranno: the bundle whose frozen UNet gives the features
+    labeler: LabelerModelConfig = LabelerModelConfig()
+
+    @model_validator(mode="after")
+    def _feranno_needs_a_bundle(self):
+        if self.arch == "feranno" and not self.bundle:
+            raise ValueError("arch feranno needs model.bundle: the bundle whose UNet features it reads")
+        return self
 
 
 class OptimConfig(_Strict):
@@ -284,3 +351,158 @@ class PipelineConfig(_Strict):
 
     generate: GenerateConfig
     train: TrainConfig
+
+
+# --- generator, adapter and labeler training ----------------------------------------------------
+
+class LabelledFacesConfig(_Strict):
+    """Labelled faces (the documented Parquet schema, or FER-2013-style ``image`` + ``label``)."""
+
+    path: str
+    limit: int | None = Field(None, ge=1)  # a seeded random subset of this many rows
+    part: str | None = Field(None, pattern=r"^[1-9][0-9]*/[1-9][0-9]*$")
+
+
+class GeneratorArchitecture(_Strict):
+    """Sizes of a generator trained from scratch (ignored with ``from_bundle``)."""
+
+    resolution: int = Field(48, ge=8)
+    vae_channels: list[int] = [32, 64, 128]  # len - 1 downsamplings by 2
+    vae_norm_groups: int = Field(16, ge=1)
+    latent_channels: int = Field(4, ge=1)
+    unet_channels: list[int] = [64, 128, 128]
+    unet_attention_levels: list[bool] = [False, True, True]  # cross-attention per level
+    unet_layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
+    norm_groups: int = Field(32, ge=1)
+    text_hidden: int = Field(128, ge=8)  # also the UNet's cross-attention width
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    au_tokens: int = Field(4, ge=1)
+    adapter_hidden: int = Field(256, ge=1)
+    au_set: str = "fineface12"
+    expressions: str = "affectnet7"
+
+    @model_validator(mode="after")
+    def _levels(self):
+        if len(self.unet_attention_levels) != len(self.unet_channels):
+            raise ValueError("unet_attention_levels needs one flag per entry of unet_channels")
+        if self.resolution % 2 ** (len(self.vae_channels) - 1):
+            raise ValueError(f"resolution {self.resolution} must divide by 2^(len(vae_channels) - 1)")
+        return self
+
+
+class StageConfig(_Strict):
+    """One optimisation stage (VAE, UNet or adapter), counted in optimiser steps."""
+
+    steps: int = Field(..., ge=0)
+    batch_size: int = Field(64, ge=1)  # per worker
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+
+
+class VAEStageConfig(StageConfig):
+    steps: int = Field(800, ge=0)
+    kl_weight: float = Field(1e-6, ge=0)
+
+
+class DenoiserStageConfig(StageConfig):
+    steps: int = Field(6000, ge=0)
+    lr: float = Field(5e-4, gt=0)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)  # text and AUs dropped together: CFG's unconditional
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    train_text_encoder: bool = True
+    train_adapter: bool = True
+    au_jitter: float = Field(0.1, ge=0, le=1)  # prototype AUs for rows without AUs
+
+
+class QualityConfig(_Strict):
+    """The report after training: contact sheets, reconstructions, evaluator agreement."""
+
+    evaluator: str | None = None  # a FER classifier trained on real faces (`synfer train`), not the guide
+    samples_per_class: int = Field(32, ge=1)
+    sampling: SamplingConfig = SamplingConfig(steps=25, cfg_scale=3.0)
+    seed: int = Field(10_000, ge=0)
+
+
+class GeneratorTrainConfig(_Strict):
+    name: str = "generator"
+    output: str  # run directory; the bundle is written to <output>/bundle
+    data: LabelledFacesConfig
+    from_bundle: str | None = None  # fine-tune this bundle instead of starting from scratch
+    architecture: GeneratorArchitecture = GeneratorArchitecture()
+    vae: VAEStageConfig = VAEStageConfig()
+    unet: DenoiserStageConfig = DenoiserStageConfig()
+    sg_classifier: str | None = None  # copied into the bundle for semantic guidance
+    quality: QualityConfig = QualityConfig()
+    seed: int = Field(0, ge=0)
+    scaling: ScalingConfig = ScalingConfig(num_workers=1, torch_threads=2)
+    ray: RayConfig = RayConfig(num_cpus=4)
+    tracking: TrackingConfig = TrackingConfig(enabled=True, experiment="synfer-generator")
+
+
+class AdapterTrainConfig(_Strict):
+    """Train only the AU adapter of a bundle on image + caption + AU rows (FEText-style Parquet)."""
+
+    name: str = "adapter"
+    bundle: str
+    output: str  # run directory; the new bundle version is written to <output>/bundle
+    data: LabelledFacesConfig
+    stage: DenoiserStageConfig = DenoiserStageConfig(steps=500, lr=1e-4, train_text_encoder=False)
+    seed: int = Field(0, ge=0)
+    scaling: ScalingConfig = ScalingConfig(num_workers=2)
+    ray: RayConfig = RayConfig(num_cpus=4)
+    tracking: TrackingConfig = TrackingConfig(enabled=True, experiment="synfer-adapter")
+
+
+# --- the study -------------------------------------------------------------------------------------
+
+class StudyStage(_Strict):
+    """A model the study trains from a config file (plus overrides), or takes as it is."""
+
+    config: str | None = None  # a config path or preset name
+    overrides: list[str] = []
+    model: str | None = None  # an existing trained model / bundle, used as it is
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.config is None) == (self.model is None):
+            raise ValueError("give either config (to train it) or model (an existing one), not both or neither")
+        return self
+
+
+class StudyGenerationConfig(_Strict):
+    per_class: int = Field(200, ge=1)  # images per class and condition (equal numbers, class_assignment cycled)
+    seed: int = Field(1234, ge=0)
+    sampling: SamplingConfig = SamplingConfig(steps=25, cfg_scale=3.0, au_scale=1.0, sg_scale=3.0)
+    tau: float = Field(0.5, ge=0, le=1)
+    conditions: list[Literal["text", "text_au", "text_au_sg", "text_au_sg_labeler"]] = [
+        "text", "text_au", "text_au_sg", "text_au_sg_labeler"]
+    rows_per_shard: int = Field(256, ge=1)
+    generator: PoolConfig = PoolConfig(min_actors=2, max_actors=2, batch_size=16)
+    labeler: PoolConfig = PoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=64)
+
+
+class StudyDownstreamConfig(_Strict):
+    real_rows: int = Field(2000, ge=7)  # N: the real subset; synthetic sets are multiples of it
+    multiples: list[int] = [1, 2]
+    condition: Literal["text", "text_au", "text_au_sg", "text_au_sg_labeler"] = "text_au_sg_labeler"
+    train: StudyStage  # the small classifier's TrainConfig (data and output are set by the study)
+    seeds: list[int] = [0]
+
+
+class StudyConfig(_Strict):
+    name: str = "study"
+    output: str
+    real_train: str  # labelled real faces (FER-2013 train)
+    real_test: str  # held-out real faces every downstream model is tested on
+    guide: StudyStage  # guides (SG) and votes; never scores
+    evaluator: StudyStage  # scores; a different architecture, seed and data half than the guide
+    generator: StudyStage  # a bundle (model) or a train-generator config
+    labeler: StudyStage | None = None  # a train-labeler config (over the generator's bundle) or a bundle
+    generation: StudyGenerationConfig = StudyGenerationConfig()
+    downstream: StudyDownstreamConfig
+    ray: RayConfig = RayConfig(num_cpus=4)
+    tracking: TrackingConfig = TrackingConfig(enabled=True, experiment="synfer-study")

@@ -31,7 +31,7 @@ from synfer_ray.tracking import start_run
 
 # Settings that change the bytes of a row; anything else (pool sizes, Ray address, tracking)
 # may change between a run and its resumption.
-_IDENTITY_KEYS = ("count", "seed", "class_mix", "aus", "sampling", "labeling", "rows_per_shard")
+_IDENTITY_KEYS = ("count", "seed", "class_mix", "class_assignment", "aus", "sampling", "labeling", "rows_per_shard")
 
 
 def _check_classifier_dir(path: str, field: str) -> None:
@@ -65,7 +65,8 @@ def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJo
         _check_classifier_dir(voter.path, f"labeling.voters[{index}].path")
     spec = ManifestSpec(seed=config.seed, classes=manifest.classes, class_weights=tuple(float(w) for w in weights),
                         au_names=manifest.au_names, au_jitter=config.aus.jitter,
-                        extra_au_probability=config.aus.extra_probability, extra_au_max=config.aus.extra_max)
+                        extra_au_probability=config.aus.extra_probability, extra_au_max=config.aus.extra_max,
+                        class_assignment=config.class_assignment)
     plan = ShardPlan(config.count, config.rows_per_shard)
     store = ShardStore(config.output)
     store.check_writable()
@@ -160,7 +161,7 @@ def write_report(job: GenerateJob, store: ShardStore, card: dict, labels: pa.Tab
         contact_sheet(per_class, classes, directory / "contact_sheet.png"),
         confidence_histograms(labels.column("confidence").to_numpy(), labels.column("label").to_pylist(),
                               classes, directory / "confidence_histograms.png",
-                              tau=job.labeling.tau if job.labeling.voters else None),
+                              tau=job.labeling.tau),
     ]
 
 

@@ -87,7 +87,10 @@ class LabelShard:
 
         from synfer_ray.labeler.ensemble import PseudoLabeler, load_voters
         torch.set_num_threads(job.labeler.torch_threads)
-        voters = load_voters(job.labeling.voters, _device(job.labeler))
+        labeling = job.labeling
+        voters = load_voters(labeling.voters, _device(job.labeler),
+                             bundle_labeler=job.bundle if labeling.bundle_labeler else None,
+                             bundle_labeler_weight=labeling.bundle_labeler_weight)
         self.labeler = PseudoLabeler(voters, job.spec.classes, job.labeling.tau,
                                      job.labeling.require_target_agreement, job.labeler.batch_size)
         self.keep_rejected = job.labeling.keep_rejected

@@ -94,7 +94,7 @@ class SynferGenerator:
         device = "cuda" if self.config.num_gpus > 0 else "cpu"
         self.bundle = load_bundle(self.config.bundle).to(device)
         self.sampler = GuidedSampler(self.bundle, device=device)
-        voters = load_voters(self.config.voters, device, field="voters")
+        voters = load_voters(self.config.voters, device, field="voters", bundle_labeler=self.config.bundle)
         if not voters and self.bundle.sg_classifier is not None:
             voters = [Voter("sg_classifier", self.bundle.sg_classifier, self.bundle.sg_classifier.classes)]
         self.labeler = PseudoLabeler(voters, self.bundle.classes)

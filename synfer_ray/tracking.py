@@ -87,5 +87,7 @@ def start_run(config: TrackingConfig, run_name: str) -> Iterator[Run]:
     if mlflow.get_experiment_by_name(config.experiment) is None:
         mlflow.create_experiment(config.experiment, artifact_location=_artifact_root(uri, config.experiment))
     mlflow.set_experiment(config.experiment)
-    with mlflow.start_run(run_name=run_name) as active:
+    # Inside another job's run (a study), this run becomes its child.
+    parent = mlflow.active_run()
+    with mlflow.start_run(run_name=run_name, nested=parent is not None) as active:
         yield Run(mlflow, active.info.run_id, uri)

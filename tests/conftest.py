@@ -48,6 +48,70 @@ def ray_cluster():
     ray.shutdown()
 
 
+def own_ray_worker_pids(fragment: str) -> list[int]:
+    """PIDs of processes named like ``fragment`` (e.g. RayTrainWorker) that belong to this test
+    session's Ray instance, never to another Ray cluster running on the same machine."""
+    import psutil
+    import ray
+    session = ray._private.worker._global_node.get_session_dir_path()
+    pids = []
+    for process in psutil.process_iter(["cmdline"]):
+        if fragment not in " ".join(process.info["cmdline"] or []):
+            continue
+        try:
+            raylet = process.parent()
+            if raylet is not None and session in " ".join(raylet.cmdline()):
+                pids.append(process.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+class WorkerKiller:
+    """SIGKILLs one of this session's Ray processes named like ``fragment`` once ``ready()`` holds
+    (e.g. the first checkpoint exists); bounded by ``deadline_s``. Use as a context manager."""
+
+    def __init__(self, ready, fragment: str = "RayTrainWorker", deadline_s: float = 400, settle_s: float = 4):
+        import threading
+        self.ready, self.fragment, self.deadline_s, self.settle_s = ready, fragment, deadline_s, settle_s
+        self.killed: list[int] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import os
+        import signal
+        deadline = time.monotonic() + self.deadline_s
+        while time.monotonic() < deadline and not self.killed:
+            if self.ready():
+                pids = own_ray_worker_pids(self.fragment)
+                if pids:
+                    time.sleep(self.settle_s)  # past Ray Train's 2 s health poll, so the report is registered
+                    try:
+                        os.kill(pids[-1], signal.SIGKILL)
+                        self.killed.append(pids[-1])
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.2)
+
+    def __enter__(self) -> "WorkerKiller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def fer2013_dir() -> Path:
+    """FER-2013 from SYNFER_FER2013 or ../shared/data/fer2013; tests that need it skip where it is absent."""
+    import os
+    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013"
+    path = Path(os.environ.get("SYNFER_FER2013", default))
+    if not (path / "train.parquet").is_file():
+        pytest.skip(f"FER-2013 not found at {path} (set SYNFER_FER2013 to a folder holding train.parquet)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def second_voter(tmp_path_factory) -> Path:
     """A second FER classifier (other seed) so the labeler's ensemble has two voters."""

@@ -6,18 +6,32 @@ import pytest
 
 import yaml
 
-from synfer_ray.config import GenerateConfig, PipelineConfig, ServeConfig, TrainConfig, build_config, load_config
+from synfer_ray.config import (AdapterTrainConfig, GenerateConfig, GeneratorTrainConfig, PipelineConfig, ServeConfig,
+                               StudyConfig, TrainConfig, build_config, load_config)
 from synfer_ray.presets import preset_path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"sd15-1m.yaml": GenerateConfig, "train-fer2013.yaml": TrainConfig, "train-r50.yaml": TrainConfig,
-          "serve.yaml": ServeConfig, "pipeline-tiny.yaml": PipelineConfig}
+          "serve.yaml": ServeConfig, "pipeline-tiny.yaml": PipelineConfig, "fer2013-guide.yaml": TrainConfig,
+          "fer2013-evaluator.yaml": TrainConfig, "train-labeler.yaml": TrainConfig,
+          "train-adapter.yaml": AdapterTrainConfig, "study.yaml": StudyConfig}
+PRESETS = {"tiny": GenerateConfig, "faces-48": GeneratorTrainConfig, "tiny-generator": GeneratorTrainConfig}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
                                         if p.name != "serve-app.yaml"))
 def test_example_config_validates(name):
     load_config(MODELS[name], ROOT / "configs" / name)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_validates(name):
+    load_config(PRESETS[name], preset_path(name))
+
+
+def test_every_preset_and_config_is_covered():
+    presets = {p.stem for p in preset_path("tiny").parent.glob("*.yaml")}
+    assert presets == set(PRESETS)
 
 
 def test_serve_app_config_is_valid_for_ray_serve_and_for_us():

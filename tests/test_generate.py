@@ -10,11 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from conftest import own_ray_worker_pids
 from synfer_ray import generate as generate_module
 from synfer_ray.config import GenerateConfig, build_config
 from synfer_ray.data.shards import CONFIG_NAME, ShardPlan, ShardStore
@@ -125,11 +125,6 @@ def test_driver_killed_mid_run_then_rerun_gives_the_same_dataset(first_run, ray_
     assert not list((output / "data").glob(".*")) and inspect_dataset(str(output))[1] == []
 
 
-def _generator_actor_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if "GenerateShard" in " ".join(p.info["cmdline"] or [])]
-
-
 @pytest.mark.slow
 def test_generator_actor_killed_mid_run_loses_no_rows(first_run, ray_cluster, tiny_bundle_path, voters,
                                                       tmp_path):
@@ -138,12 +133,12 @@ def test_generator_actor_killed_mid_run_loses_no_rows(first_run, ray_cluster, ti
     config = build_config(GenerateConfig, raw_config(tiny_bundle_path, output, voters))
     store, plan = ShardStore(str(output)), ShardPlan(COUNT, PER_SHARD)
     killed: list[int] = []
-    earlier = set(_generator_actor_pids())  # actors of earlier runs on this cluster may still be exiting
+    earlier = set(own_ray_worker_pids("GenerateShard"))  # actors of earlier runs on this cluster may still be exiting
 
     def kill_one_generator_when_busy():
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            pids = [pid for pid in _generator_actor_pids() if pid not in earlier]
+            pids = [pid for pid in own_ray_worker_pids("GenerateShard") if pid not in earlier]
             if pids and store.exists(CONFIG_NAME) and not store.committed(plan):
                 time.sleep(3)  # let it load the bundle and start sampling
                 try:

@@ -82,3 +82,14 @@ def test_action_units_from_mapping_checks_names_and_range():
         taxonomy.ActionUnits.from_mapping({"AU7": 0.5}, taxonomy.FINEFACE_12)
     with pytest.raises(SynferError, match=r"aus\.AU12.*\[0, 1\]"):
         taxonomy.ActionUnits.from_mapping({"AU12": 1.5}, taxonomy.FINEFACE_12)
+
+
+def test_cycled_manifest_gives_equal_counts_per_class_in_every_prefix():
+    from synfer_ray.data.manifest import ManifestSpec, manifest_rows
+    classes = taxonomy.AFFECTNET_7
+    spec = ManifestSpec(seed=3, classes=classes, class_weights=(1 / 7,) * 7, au_names=taxonomy.FINEFACE_12,
+                        class_assignment="cycled")
+    rows = manifest_rows(spec, 0, 70)
+    assert [r.target for r in rows[:7]] == list(classes)
+    assert all(sum(r.target == c for r in rows) == 10 for c in classes)
+    assert manifest_rows(spec, 21, 28)[3].seed == rows[24].seed  # still a pure function of the index

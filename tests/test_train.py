@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 from typer.testing import CliRunner
 
+from conftest import WorkerKiller
 from synfer_ray.cli import app
 from synfer_ray.config import TrainConfig, build_config
 from synfer_ray.errors import SynferError
@@ -33,35 +29,13 @@ def train_raw(faces: dict[str, Path], output: Path, tracking_uri: str | None) ->
     }
 
 
-def _train_worker_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-
-
 @pytest.fixture(scope="module")
 def trained(ray_cluster, separable_parquet, mlflow_server, tmp_path_factory):
     """One run; a training worker is SIGKILLed after the first checkpoint is registered."""
     output = tmp_path_factory.mktemp("train") / "run"
-    killed: list[int] = []
-
-    def kill_a_worker_after_first_checkpoint():
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and not killed:
-            checkpoints = list((output / "ray" / "fer-test").glob("checkpoint_*"))
-            pids = _train_worker_pids()
-            if checkpoints and pids:
-                time.sleep(4)  # past Ray Train's 2 s health poll, so the report is registered
-                try:
-                    os.kill(pids[-1], signal.SIGKILL)
-                    killed.append(pids[-1])
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
-    killer.start()
-    summary = run_train(build_config(TrainConfig, train_raw(separable_parquet, output, mlflow_server)))
-    killer.join(timeout=5)
+    with WorkerKiller(lambda: any((output / "ray" / "fer-test").glob("checkpoint_*"))) as killer:
+        summary = run_train(build_config(TrainConfig, train_raw(separable_parquet, output, mlflow_server)))
+    killed = killer.killed
     return summary, output, killed
 
 

@@ -71,3 +71,26 @@ def test_label_checks_name_the_problem(tmp_path, separable_parquet):
         check_labels(resolve_source(str(tmp_path / "cols.parquet"), "f"), taxonomy.AFFECTNET_7, "f")
     with pytest.raises(SynferError, match="^f: .*existing"):
         resolve_source(str(tmp_path / "absent"), "f")
+
+
+def test_class_balanced_sampling_evens_out_an_imbalanced_set():
+    from synfer_ray.data.faces import balance_classes
+    counts = np.array([800, 150, 50])
+    labels = np.repeat(np.arange(3), counts)
+    batch = {"target": np.eye(3, dtype=np.float32)[labels], "row": np.arange(len(labels))}
+    repeats = counts.sum() / (3 * counts)
+    out = balance_classes(batch, repeats, seed=0)
+    seen = np.bincount(out["target"].argmax(axis=1), minlength=3)
+    assert np.all(np.abs(seen - counts.sum() / 3) < 0.12 * counts.sum() / 3)  # equal shares (sampling noise)
+    assert abs(len(out["row"]) - counts.sum()) < 0.05 * counts.sum()  # an epoch of the same length
+    assert set(out["row"][out["target"].argmax(axis=1) == 2]) == set(np.flatnonzero(labels == 2))  # every rare row used
+
+
+def test_parts_are_disjoint_cover_everything_and_keep_duplicates_together():
+    from synfer_ray.data.faces import in_part
+    images = [bytes([i % 251, i // 251]) for i in range(2000)] + [b"same"] * 3
+    first, second = in_part(images, "1/2"), in_part(images, "2/2")
+    assert not np.any(first & second) and np.all(first | second)
+    assert 0.45 < first.mean() < 0.55
+    assert len(set(first[-3:])) == 1  # identical images fall in the same part
+    assert np.all(in_part(images, None))

@@ -74,6 +74,15 @@ def check_labels(source: FaceSource, classes: Sequence[str], field: str) -> dict
     return counts
 
 
+def in_part(images: Sequence[bytes], part: str | None) -> np.ndarray:
+    """Mask of the rows in part ``"k/n"``, by a hash of the image bytes (stable across runs)."""
+    if part is None:
+        return np.ones(len(images), bool)
+    index, count = map(int, part.split("/"))
+    return np.array([int.from_bytes(hashlib.blake2b(bytes(image), digest_size=8).digest(), "big") % count
+                     == index - 1 for image in images], bool)
+
+
 def _decode(data: bytes, size: int) -> np.ndarray | None:
     try:
         image = Image.open(io.BytesIO(data))
@@ -105,6 +114,18 @@ def decode_faces(batch: dict[str, np.ndarray], classes: Sequence[str], image_siz
         else:
             target[row, index[taxonomy.EXPRESSION_ALIASES.get(name, name)]] = 1.0
     return {"pixels": pixels, "target": target, "valid": valid}
+
+
+def balance_classes(batch: dict[str, np.ndarray], repeats: Sequence[float],
+                    seed: int | None = None) -> dict[str, np.ndarray]:
+    """Class-balanced resampling: a row of class c appears floor(r_c) or ceil(r_c) times (r_c on
+    average), with ``r_c = rows / (classes * count_c)``, so each class fills an equal share of an
+    epoch of about the same length. Class = argmax of ``target``."""
+    rng = np.random.default_rng(seed)
+    wanted = np.asarray(repeats, np.float64)[batch["target"].argmax(axis=1)]
+    copies = np.floor(wanted).astype(np.int64) + (rng.random(len(wanted)) < wanted - np.floor(wanted))
+    index = np.repeat(np.arange(len(wanted)), copies)
+    return {key: value[index] for key, value in batch.items()}
 
 
 def augment(batch: dict[str, np.ndarray], crop_padding: int, flip: bool, color_jitter: float,

@@ -27,6 +27,9 @@ class ManifestSpec:
     au_jitter: float = 0.1
     extra_au_probability: float = 0.05
     extra_au_max: float = 0.3
+    # "sampled": each row draws its class from the mix; "cycled": row i gets class i mod K, so every
+    # prefix of the dataset has equal numbers per class (what a study compares).
+    class_assignment: str = "sampled"
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,10 @@ def row_seed(dataset_seed: int, index: int) -> int:
 
 def manifest_row(spec: ManifestSpec, index: int) -> ManifestRow:
     seed = row_seed(spec.seed, index)
-    target = taxonomy.sample_expression(seed, spec.classes, np.asarray(spec.class_weights))
+    if spec.class_assignment == "cycled":
+        target = spec.classes[index % len(spec.classes)]
+    else:
+        target = taxonomy.sample_expression(seed, spec.classes, np.asarray(spec.class_weights))
     aus = taxonomy.sample_target_aus(seed, target, spec.au_names, jitter=spec.au_jitter,
                                      extra_au_probability=spec.extra_au_probability,
                                      extra_au_max=spec.extra_au_max)

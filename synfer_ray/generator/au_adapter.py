@@ -8,6 +8,8 @@ UNet's call signature is unchanged and ``au_scale`` travels in ``cross_attention
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from diffusers import ModelMixin, UNet2DConditionModel
@@ -120,3 +122,14 @@ def install_au_adapter(unet: UNet2DConditionModel, adapter: AUAdapter) -> None:
         else:
             processors[name] = DecoupledAUAttnProcessor(n_tokens)
     unet.set_attn_processor(processors)
+
+
+@contextlib.contextmanager
+def stock_attention(unet: UNet2DConditionModel):
+    """The UNet with diffusers' own processors for the duration (to save it without adapter weights)."""
+    installed = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        yield unet
+    finally:
+        unet.set_attn_processor(installed)

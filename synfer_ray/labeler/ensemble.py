@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,9 +25,15 @@ class Voter:
     weight: float = 1.0
 
 
-def load_voters(voters: Sequence[VoterConfig], device: str = "cpu", field: str = "labeling.voters") -> list[Voter]:
-    """Load each configured voter once; its name defaults to its directory's name."""
+def load_voters(voters: Sequence[VoterConfig], device: str = "cpu", field: str = "labeling.voters",
+                bundle_labeler: str | None = None, bundle_labeler_weight: float = 1.0) -> list[Voter]:
+    """Load each configured voter once; its name defaults to its directory's name. With
+    ``bundle_labeler`` (a bundle path) that bundle's FERAnno labeler votes first, where it has one."""
+    from synfer_ray.labeler.feranno import LABELER_DIR
     loaded = []
+    if bundle_labeler and (Path(bundle_labeler) / LABELER_DIR).is_dir():
+        model = load_classifier(Path(bundle_labeler) / LABELER_DIR, field="bundle/labeler").to(device)
+        loaded.append(Voter("feranno", model, model.classes, bundle_labeler_weight))
     for index, voter in enumerate(voters):
         model = load_classifier(voter.path, field=f"{field}[{index}].path").to(device)
         loaded.append(Voter(voter.name or os.path.basename(voter.path.rstrip("/")), model, model.classes,

@@ -52,6 +52,8 @@ class TrainJob:
     class_weights: tuple[float, ...] | None
     mlflow_uri: str | None
     mlflow_run_id: str | None
+    bundle: str | None = None  # feranno: the bundle whose frozen UNet gives the features
+    labeler: dict | None = None  # feranno: feature settings and head sizes
 
 
 # --- the worker loop --------------------------------------------------------------------------
@@ -91,10 +93,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(job.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    model = build_classifier(job.arch, job.classes, job.image_size, job.pretrained, seed=job.seed)
+    model = build_classifier(job.arch, job.classes, job.image_size, job.pretrained, seed=job.seed,
+                             bundle=job.bundle, labeler=job.labeler)
     steps_per_epoch = max(1, math.ceil(job.train_rows / world / job.batch_size / job.gradient_accumulation))
     total_steps = steps_per_epoch * job.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
+    # Frozen parts (FERAnno's diffusion model) stay out of the optimiser.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr,
+                                  weight_decay=job.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, int(job.warmup_fraction * total_steps)))
     engine, _, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
@@ -184,11 +189,14 @@ class PreparedData:
 
 def _rows_after_filters(source: FaceSource, settings: SourceConfig) -> int:
     import pyarrow.dataset as pads
+    from synfer_ray.data.faces import in_part
     dataset = pads.dataset(source.data_path, format="parquet")
+    keep = np.ones(dataset.count_rows(), bool)
     if source.synthetic and settings.accepted_only:
-        rows = int(np.asarray(dataset.to_table(columns=["accepted"]).column("accepted")).sum())
-    else:
-        rows = dataset.count_rows()
+        keep &= np.asarray(dataset.to_table(columns=["accepted"]).column("accepted"), bool)
+    if settings.part:
+        keep &= in_part(dataset.to_table(columns=["image"]).column("image").to_pylist(), settings.part)
+    rows = int(keep.sum())
     return min(rows, settings.limit) if settings.limit else rows
 
 
@@ -221,12 +229,17 @@ def prepare_data(config: TrainConfig, classes: tuple[str, ...]) -> PreparedData:
 def _read(source: FaceSource, settings: SourceConfig, config: TrainConfig, classes: tuple[str, ...]):
     import ray
 
-    from synfer_ray.data.faces import decode_faces
+    from synfer_ray.data.faces import decode_faces, in_part
     columns = ["image", "label"] + (["soft_label", "accepted"] if source.synthetic else [])
     dataset = ray.data.read_parquet(source.data_path, columns=columns)
-    if source.synthetic and settings.accepted_only:
-        dataset = dataset.map_batches(lambda b: {k: v[np.asarray(b["accepted"], bool)] for k, v in b.items()},
-                                      batch_format="numpy")
+    accepted_only, part = source.synthetic and settings.accepted_only, settings.part
+    if accepted_only or part:
+        def keep(batch):
+            mask = in_part(batch["image"], part)
+            if accepted_only:
+                mask &= np.asarray(batch["accepted"], bool)
+            return {k: v[mask] for k, v in batch.items()}
+        dataset = dataset.map_batches(keep, batch_format="numpy")
     if settings.limit:
         dataset = dataset.random_shuffle(seed=config.optim.seed).limit(settings.limit)
     return dataset.map_batches(decode_faces, batch_format="numpy", fn_kwargs={
@@ -244,6 +257,11 @@ def build_datasets(config: TrainConfig, prepared: PreparedData, classes: tuple[s
     else:
         train, validation = train.train_test_split(config.data.val_fraction, shuffle=True,
                                                    seed=config.optim.seed)
+    if config.data.class_balanced_sampling:
+        from synfer_ray.data.faces import balance_classes
+        counts = np.array([max(prepared.class_counts.get(c, 0), 1) for c in classes], np.float64)
+        repeats = counts.sum() / (len(classes) * counts)
+        train = train.map_batches(balance_classes, batch_format="numpy", fn_kwargs={"repeats": repeats.tolist()})
     aug = config.data.augment
     train = train.map_batches(augment, batch_format="numpy", fn_kwargs={
         "crop_padding": aug.crop_padding, "flip": aug.flip, "color_jitter": aug.color_jitter})
@@ -301,7 +319,9 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
                        torch_threads=config.scaling.torch_threads, train_rows=prepared.train_rows,
                        class_weights=_class_weights(prepared.class_counts, classes)
                        if config.data.class_balanced_loss else None,
-                       mlflow_uri=run.uri, mlflow_run_id=run.run_id)
+                       mlflow_uri=run.uri, mlflow_run_id=run.run_id,
+                       bundle=str(Path(config.model.bundle).resolve()) if config.model.bundle else None,
+                       labeler=config.model.labeler.model_dump())
         scaling = config.scaling
         trainer = TorchTrainer(
             train_loop, train_loop_config={"job": job},

@@ -1,0 +1,12 @@
+"""`ray job submit ... -- python jobs/study.py --config CONFIG.yaml [key=value ...]` (same as `synfer study`)."""
+
+import sys
+from pathlib import Path
+
+# Run from a checkout (`--working-dir .`), use that checkout's package; installed images have it anyway.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from synfer_ray.cli import app  # noqa: E402
+
+if __name__ == "__main__":
+    app(["study", *sys.argv[1:]])

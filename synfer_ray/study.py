@@ -1,0 +1,409 @@
+"""``synfer study``: SynFER's claims measured on real faces, every stage through the normal jobs.
+
+Stages (each cached under ``stages/<kind>-<hash of its config>/``, so a stopped study continues
+and a changed setting reruns only what it touches):
+
+1. two FER classifiers on real faces: the *guide* (semantic guidance, votes) and the *evaluator*
+   (scores only), refused when they are not different models;
+2. the generator bundle (given, or ``train-generator``), and optionally FERAnno (``train-labeler``);
+3. one generated set per condition (text / + AU / + SG / + SG + labeler), equal numbers per class,
+   the same seeds, prompts and AUs across conditions, scored by the evaluator;
+4. downstream: one small classifier trained on real only, synthetic only (multiples of the real
+   size) and real + synthetic, per seed, tested on held-out real faces;
+5. ``report.md`` with the tables, contact sheets and confusion matrices; MLflow: one parent run,
+   every stage a child run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from synfer_ray.config import (GenerateConfig, GeneratorTrainConfig, StudyConfig, StudyStage, TrainConfig,
+                               TrackingConfig, build_config, load_config)
+from synfer_ray.errors import SynferError
+
+CONDITION_TITLES = {"text": "(a) text only", "text_au": "(b) text + AU", "text_au_sg": "(c) text + AU + SG",
+                    "text_au_sg_labeler": "(d) text + AU + SG + labeler"}
+
+
+def config_hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class StageCache:
+    """``run(kind, payload, make)``: the stored result of an identical earlier stage, or ``make(dir)``'s."""
+
+    def __init__(self, root: Path):
+        self.root = root / "stages"
+
+    def run(self, kind: str, payload: Any, make: Callable[[Path], dict]) -> dict:
+        directory = self.root / f"{kind}-{config_hash(payload)}"
+        done = directory / "done.json"
+        if done.is_file():
+            return {**json.loads(done.read_text()), "cached": True}
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "stage_config.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        result = make(directory)
+        done.write_text(json.dumps(result, indent=2, default=str))
+        return {**result, "cached": False}
+
+
+def _preset_or_path(name: str) -> Path:
+    from synfer_ray.presets import preset_path
+    return Path(name) if Path(name).exists() else (preset_path(name) or Path(name))
+
+
+def _load_stage(model, stage: StudyStage, field: str, extra: Sequence[str] = ()):
+    try:
+        return load_config(model, _preset_or_path(stage.config), [*stage.overrides, *extra])
+    except SynferError as error:
+        raise SynferError(f"{field}.{error.field}", error.value, error.accepted) from None
+
+
+def _identity(config) -> dict:
+    """A stage's config without where it writes and how it is tracked: what decides its result."""
+    return config.model_dump(mode="json", exclude={"output", "tracking", "register_as", "name", "ray"})
+
+
+# --- classifiers -----------------------------------------------------------------------------
+
+def _classifier_description(path: str) -> dict:
+    config = json.loads((Path(path) / "config.json").read_text())
+    weights = sorted(Path(path).glob("*.safetensors"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in weights)).hexdigest()
+    return {"model_type": config.get("model_type") or config.get("_class_name"),
+            "hidden_sizes": config.get("hidden_sizes"), "weights_sha256": digest}
+
+
+def classifier_stage(stage: StudyStage, kind: str, cache: StageCache, tracking: TrackingConfig) -> dict:
+    from synfer_ray.train.fer import run_train
+    if stage.model:
+        return {"model": stage.model, "arch": None, "seed": None, "parts": None, "test": None,
+                **_classifier_description(stage.model)}
+    config = _load_stage(TrainConfig, stage, kind)
+
+    def make(directory: Path) -> dict:
+        run_config = config.model_copy(update={"output": str(directory / "run"), "tracking": tracking,
+                                               "register_as": None, "name": f"study-{kind}"})
+        summary = run_train(run_config)
+        return {"model": summary["model"], "arch": config.model.arch, "seed": config.optim.seed,
+                "parts": [s.part for s in config.data.train], "test": summary.get("test"),
+                **_classifier_description(summary["model"])}
+    return cache.run(kind, _identity(config), make)
+
+
+def check_independent(guide: dict, evaluator: dict) -> None:
+    """The evaluator must not be the guide: different weights, architecture, seed and data half."""
+    if guide["weights_sha256"] == evaluator["weights_sha256"]:
+        raise SynferError("evaluator", evaluator["model"], "a different model than the guide (same weights)")
+    if guide["arch"] and evaluator["arch"] and guide["arch"] == evaluator["arch"]:
+        raise SynferError("evaluator", evaluator["arch"], f"an architecture other than the guide's ({guide['arch']})")
+    if (guide["model_type"], guide["hidden_sizes"]) == (evaluator["model_type"], evaluator["hidden_sizes"]):
+        raise SynferError("evaluator", evaluator["model"], "an architecture other than the guide's "
+                                                           f"({guide['model_type']} {guide['hidden_sizes']})")
+    if guide["seed"] is not None and guide["seed"] == evaluator["seed"]:
+        raise SynferError("evaluator.optim.seed", evaluator["seed"], "a seed other than the guide's")
+    if guide["parts"] and evaluator["parts"] and set(guide["parts"]) & set(evaluator["parts"]) - {None}:
+        raise SynferError("evaluator.data.train.part", evaluator["parts"], f"another part of the data than the "
+                                                                           f"guide's {guide['parts']}")
+
+
+# --- generator and labeler -------------------------------------------------------------------
+
+def generator_stage(study: StudyConfig, guide: dict, evaluator: dict, cache: StageCache,
+                    tracking: TrackingConfig) -> dict:
+    from synfer_ray.train.generator import run_train_generator
+    if study.generator.model:
+        return {"bundle": study.generator.model}
+    config = _load_stage(GeneratorTrainConfig, study.generator, "generator",
+                         [f"sg_classifier={guide['model']}", f"quality.evaluator={evaluator['model']}"])
+
+    def make(directory: Path) -> dict:
+        summary = run_train_generator(config.model_copy(update={"output": str(directory / "run"),
+                                                                "tracking": tracking}))
+        return {"bundle": summary["bundle"], "quality": summary["quality"]}
+    return cache.run("generator", _identity(config), make)
+
+
+def labeler_stage(study: StudyConfig, bundle: str, cache: StageCache, tracking: TrackingConfig) -> dict | None:
+    from synfer_ray.train.labeler import run_train_labeler
+    if study.labeler is None:
+        return None
+    if study.labeler.model:
+        return {"bundle": study.labeler.model, "test": None}
+    config = _load_stage(TrainConfig, study.labeler, "labeler", ["model.arch=feranno", f"model.bundle={bundle}"])
+
+    def make(directory: Path) -> dict:
+        summary = run_train_labeler(config.model_copy(update={"output": str(directory / "run"), "tracking": tracking,
+                                                              "register_as": None, "name": "study-labeler"}))
+        return {"bundle": summary["bundle"], "test": summary.get("test")}
+    return cache.run("labeler", _identity(config), make)
+
+
+# --- generation ------------------------------------------------------------------------------
+
+def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str], guide: str, count: int,
+                     seed: int, output: str, tracking: TrackingConfig) -> GenerateConfig:
+    """The normal generate config of one condition; only sampling and labeling differ between them."""
+    sampling = study.generation.sampling
+    labeled = condition.endswith("_labeler")
+    raw = {
+        "bundle": bundles["labeler" if labeled else "generator"], "output": output, "count": count, "seed": seed,
+        "class_assignment": "cycled", "rows_per_shard": study.generation.rows_per_shard,
+        "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale,
+                     "au_scale": 0.0 if condition == "text" else sampling.au_scale,
+                     "sg_scale": sampling.sg_scale if "_sg" in condition else 0.0,
+                     "sg_window": sampling.sg_window, "sg_classifier": guide},
+        "labeling": ({"voters": [{"path": guide, "name": "guide"}], "bundle_labeler": True,
+                      "tau": study.generation.tau} if labeled else {"voters": [], "bundle_labeler": False}),
+        "generator": study.generation.generator.model_dump(), "labeler": study.generation.labeler.model_dump(),
+        "ray": study.ray.model_dump(), "tracking": tracking.model_dump(),
+    }
+    return build_config(GenerateConfig, raw)
+
+
+def generation_stage(kind: str, config: GenerateConfig, cache: StageCache) -> dict:
+    from synfer_ray.bundle import BundleManifest
+    from synfer_ray.generate import run_generate
+    payload = {**config.model_dump(mode="json", exclude={"output", "tracking", "ray", "generator", "labeler"}),
+               "bundle": BundleManifest.read(Path(config.bundle)).content_hash,
+               "generator.batch_size": config.generator.batch_size}
+
+    def make(directory: Path) -> dict:
+        card = run_generate(config.model_copy(update={"output": str(directory / "dataset")}), progress=False)
+        return {"dataset": str(directory / "dataset"), "rows": card["rows"]}
+    return cache.run(kind, payload, make)
+
+
+def score_dataset(dataset: str, evaluator, classes: Sequence[str]) -> dict:
+    """The evaluator's view of a generated set: FER accuracy, label agreement, confidence, diversity."""
+    import pyarrow.parquet as pq
+
+    from synfer_ray.classifiers import embed_images, predict_probabilities
+    from synfer_ray.images import decode_rgb
+    from synfer_ray.labeler.rectify import align_probabilities
+    table = pq.read_table(Path(dataset) / "data", columns=["image", "target", "label", "accepted", "confidence"])
+    images = np.stack([decode_rgb(data) for data in table.column("image").to_pylist()])
+    probabilities = align_probabilities(predict_probabilities(evaluator, images), evaluator.classes, classes,
+                                        "evaluator")
+    judged = np.asarray(classes)[probabilities.argmax(axis=1)]
+    targets = np.asarray(table.column("target").to_pylist())
+    labels = np.asarray(table.column("label").to_pylist())
+    accepted = np.asarray(table.column("accepted").to_pylist(), bool)
+    embeddings = embed_images(evaluator, images)
+    return {
+        "rows": int(table.num_rows),
+        "fer_accuracy": float((judged == targets).mean()),
+        "fer_accuracy_per_class": {c: float((judged[targets == c] == c).mean()) for c in classes if (targets == c).any()},
+        "acceptance": float(accepted.mean()),
+        "label_matches_target": float((labels == targets).mean()),
+        "label_agrees_with_evaluator": float((judged == labels).mean()),
+        "accepted_label_agrees_with_evaluator": float((judged[accepted] == labels[accepted]).mean())
+        if accepted.any() else float("nan"),
+        "label_confidence": float(np.mean(table.column("confidence").to_numpy())),
+        "evaluator_confidence": float(probabilities.max(axis=1).mean()),
+        "diversity": within_class_diversity(embeddings, targets),
+    }
+
+
+def within_class_diversity(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """Mean pairwise cosine distance of embeddings within each class, averaged over classes (0 = all alike)."""
+    values = []
+    for name in dict.fromkeys(labels.tolist()):
+        rows = embeddings[labels == name]
+        if len(rows) < 2:
+            continue
+        unit = rows / np.clip(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12, None)
+        similarity = unit @ unit.T
+        n = len(rows)
+        values.append(float((n * n - similarity.sum()) / (n * (n - 1))))
+    return float(np.mean(values)) if values else float("nan")
+
+
+# --- downstream ------------------------------------------------------------------------------
+
+def downstream_configs(study: StudyConfig, synthetic: str, seed: int) -> dict[str, TrainConfig]:
+    base = _load_stage(TrainConfig, study.downstream.train, "downstream.train")
+    n = study.downstream.real_rows
+    real = {"path": study.real_train, "limit": n}
+    sets = {"real only": [real]}
+    for multiple in study.downstream.multiples:
+        sets[f"synthetic only {multiple}x"] = [{"path": synthetic, "limit": multiple * n}]
+    sets["real + synthetic 1x"] = [real, {"path": synthetic, "limit": n}]
+    configs = {}
+    for name, train in sets.items():
+        raw = base.model_dump(mode="json")
+        raw["data"]["train"] = train
+        raw["data"]["test"] = {"path": study.real_test}
+        raw["optim"]["seed"] = seed
+        configs[name] = build_config(TrainConfig, raw)
+    return configs
+
+
+def downstream_stage(name: str, config: TrainConfig, cache: StageCache, tracking: TrackingConfig,
+                     lineage: dict[str, str]) -> dict:
+    from synfer_ray.train.fer import run_train
+    payload = {**_identity(config), "lineage": {p.path: lineage.get(p.path, p.path) for p in config.data.train}}
+
+    def make(directory: Path) -> dict:
+        summary = run_train(config.model_copy(update={"output": str(directory / "run"), "tracking": tracking,
+                                                      "register_as": None, "name": f"study-{name}"}))
+        return {"test": summary["test"], "eval": str(directory / "run" / "eval"), "train_rows": sum(
+            h["train_rows"] for h in summary["history"][-1:])}
+    return cache.run("downstream", payload, make)
+
+
+# --- the whole study -------------------------------------------------------------------------
+
+def _check_inputs(study: StudyConfig) -> None:
+    for field in ("real_train", "real_test"):
+        if not Path(getattr(study, field)).exists():
+            raise SynferError(field, getattr(study, field), "an existing labelled-faces Parquet file or directory")
+    for field in ("guide", "evaluator", "generator", "labeler"):
+        stage = getattr(study, field)
+        if stage is None:
+            continue
+        if stage.model and not Path(stage.model).exists():
+            raise SynferError(f"{field}.model", stage.model, "an existing model directory")
+        if stage.config and not _preset_or_path(stage.config).is_file():
+            raise SynferError(f"{field}.config", stage.config, "an existing config file or preset name")
+    if "text_au_sg_labeler" in study.generation.conditions + [study.downstream.condition] and study.labeler is None:
+        raise SynferError("labeler", None, "a labeler stage for the condition text_au_sg_labeler "
+                                           "(or drop that condition)")
+
+
+def run_study(study: StudyConfig) -> dict[str, Any]:
+    from synfer_ray.bundle import BundleManifest
+    from synfer_ray.classifiers import load_classifier
+    from synfer_ray.pipeline import ensure_ray
+    from synfer_ray.tracking import start_run
+    from synfer_ray.train.fer import run_train  # noqa: F401  (import errors surface before Ray starts)
+
+    _check_inputs(study)
+    output = Path(study.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "study_config.json").write_text(study.model_dump_json(indent=2))
+    cache = StageCache(output)
+    tracking = study.tracking
+    results: dict[str, Any] = {"name": study.name}
+    with start_run(tracking, study.name) as parent:
+        parent.log_params({"config": study.model_dump(mode="json")})
+        parent.set_tags({"synfer.job": "study"})
+        ensure_ray(study.ray)
+        guide = classifier_stage(study.guide, "guide", cache, tracking)
+        evaluator_info = classifier_stage(study.evaluator, "evaluator", cache, tracking)
+        check_independent(guide, evaluator_info)
+        results["classifiers"] = {"guide": guide, "evaluator": evaluator_info}
+        generator = generator_stage(study, guide, evaluator_info, cache, tracking)
+        labeler = labeler_stage(study, generator["bundle"], cache, tracking)
+        bundles = {"generator": generator["bundle"], "labeler": labeler["bundle"] if labeler else None}
+        results["generator"], results["labeler"] = generator, labeler
+        classes = BundleManifest.read(Path(bundles["generator"])).classes
+        count = study.generation.per_class * len(classes)
+        evaluator = load_classifier(evaluator_info["model"], field="evaluator")
+        results["conditions"] = {}
+        for condition in study.generation.conditions:
+            config = condition_config(study, condition, bundles, guide["model"], count, study.generation.seed,
+                                      str(output / "pending"), tracking)
+            made = generation_stage(f"generate-{condition}", config, cache)
+            results["conditions"][condition] = {**made, **score_dataset(made["dataset"], evaluator, classes)}
+        downstream = study.downstream
+        synthetic_count = max(downstream.multiples) * downstream.real_rows
+        synthetic_config = condition_config(study, downstream.condition, bundles, guide["model"],
+                                            -(-synthetic_count // len(classes)) * len(classes),
+                                            study.generation.seed + 1, str(output / "pending"), tracking)
+        synthetic = generation_stage(f"synthetic-{downstream.condition}", synthetic_config, cache)
+        results["synthetic"] = synthetic
+        lineage = {synthetic["dataset"]: config_hash(synthetic_config.model_dump(mode="json", exclude={"output"}))}
+        results["downstream"] = {}
+        for seed in downstream.seeds:
+            for name, config in downstream_configs(study, synthetic["dataset"], seed).items():
+                outcome = downstream_stage(name, config, cache, tracking, lineage)
+                results["downstream"].setdefault(name, []).append({"seed": seed, **outcome})
+        report = write_report(study, results, classes, output / "report")
+        parent.log_metrics(flat_metrics(results))
+        parent.log_artifacts(output / "report", "report")
+        results["report"] = str(report)
+        results["mlflow_run_id"] = parent.run_id
+        (output / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        return results
+
+
+def flat_metrics(results: dict) -> dict[str, float]:
+    metrics = {}
+    for condition, scores in results["conditions"].items():
+        for key in ("fer_accuracy", "acceptance", "label_agrees_with_evaluator", "diversity"):
+            metrics[f"{condition}.{key}"] = scores[key]
+    for name, runs in results["downstream"].items():
+        key = name.replace(" ", "_").replace("+", "plus")
+        for metric in ("accuracy", "uar", "macro_f1"):
+            metrics[f"downstream.{key}.{metric}"] = float(np.mean([r["test"][metric] for r in runs]))
+    return {k: v for k, v in metrics.items() if np.isfinite(v)}
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def _cell(values: Sequence[float]) -> str:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+
+
+def write_report(study: StudyConfig, results: dict, classes: Sequence[str], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    guide, evaluator = results["classifiers"]["guide"], results["classifiers"]["evaluator"]
+    lines = [f"# {study.name}: SynFER's claims on real faces", "",
+             f"Real train `{study.real_train}`, real test `{study.real_test}`. "
+             f"{study.generation.per_class} images per class and condition, the same seeds, prompts and AUs in "
+             f"every condition; sampling {study.generation.sampling.steps} DDIM steps, CFG "
+             f"{study.generation.sampling.cfg_scale}, SG scale {study.generation.sampling.sg_scale}, window "
+             f"{study.generation.sampling.sg_window}; labeler tau {study.generation.tau}.", "",
+             "## The two classifiers", "",
+             "| role | model | architecture | seed | data part | test accuracy |", "|---|---|---|---|---|---|"]
+    for role, info in (("guide (SG, votes)", guide), ("evaluator (scores only)", evaluator)):
+        test = info.get("test") or {}
+        lines.append(f"| {role} | `{info['model']}` | {info.get('arch') or info.get('model_type')} | "
+                     f"{info.get('seed')} | {info.get('parts')} | {_cell([test.get('accuracy')])} |")
+    lines += ["", "## Generation quality (the evaluator's view, %)", "",
+              "| condition | FER accuracy | acceptance | final label = target | final label = evaluator | "
+              "accepted: label = evaluator | evaluator confidence | diversity |", "|---|---|---|---|---|---|---|---|"]
+    for condition, scores in results["conditions"].items():
+        lines.append(f"| {CONDITION_TITLES[condition]} | {_cell([scores['fer_accuracy']])} | "
+                     f"{_cell([scores['acceptance']])} | {_cell([scores['label_matches_target']])} | "
+                     f"{_cell([scores['label_agrees_with_evaluator']])} | "
+                     f"{_cell([scores['accepted_label_agrees_with_evaluator']])} | "
+                     f"{_cell([scores['evaluator_confidence']])} | {scores['diversity']:.3f} |")
+    lines += ["", "FER accuracy per class (%):", "", "| condition | " + " | ".join(classes) + " |",
+              "|---|" + "---|" * len(classes)]
+    for condition, scores in results["conditions"].items():
+        per_class = scores["fer_accuracy_per_class"]
+        lines.append(f"| {CONDITION_TITLES[condition]} | " + " | ".join(_cell([per_class.get(c)]) for c in classes)
+                     + " |")
+        source = Path(scores["dataset"]) / "report" / "contact_sheet.png"
+        if source.is_file():
+            shutil.copy(source, directory / f"contact_{condition}.png")
+    lines += ["", "## Downstream: a classifier trained on each set, tested on real faces (%)", "",
+              f"Real subset N = {study.downstream.real_rows}; synthetic = condition "
+              f"{CONDITION_TITLES[study.downstream.condition]} (accepted rows); seeds {study.downstream.seeds}; "
+              f"chance = {100 / len(classes):.1f}.", "",
+              "| training data | accuracy | UAR | macro-F1 |", "|---|---|---|---|"]
+    for name, runs in results["downstream"].items():
+        lines.append(f"| {name} | {_cell([r['test']['accuracy'] for r in runs])} | "
+                     f"{_cell([r['test']['uar'] for r in runs])} | {_cell([r['test']['macro_f1'] for r in runs])} |")
+        confusion = Path(runs[0]["eval"]) / "confusion_matrix.png"
+        if confusion.is_file():
+            shutil.copy(confusion, directory / f"confusion_{name.replace(' ', '_').replace('+', 'plus')}.png")
+    lines += ["", "Contact sheets: " + ", ".join(f"`contact_{c}.png`" for c in results["conditions"]) + "; "
+              "confusion matrices: `confusion_*.png`.", ""]
+    report = directory / "report.md"
+    report.write_text("\n".join(lines))
+    return report

@@ -1,0 +1,321 @@
+"""``synfer train-generator``: labelled real faces in, a generator bundle out (SynFER's fine-tuning step).
+
+Stages, each a Ray Train run that checkpoints and resumes: (1) the VAE (reconstruction + KL),
+(2) the denoiser (UNet, text encoder, AU adapter; epsilon prediction, caption dropout for CFG,
+EMA weights for sampling) on latents that Ray Data encodes once. The run directory keeps a
+``stages/current`` bundle-layout directory that each finished stage updates, and ``stages.json``
+listing finished stages, so a stopped run continues where it was. ``from_bundle`` starts from an
+existing bundle (real SD weights on a cluster) instead of fresh weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from synfer_ray import taxonomy
+from synfer_ray.config import GeneratorTrainConfig, LabelledFacesConfig, ScalingConfig, StageConfig
+from synfer_ray.data.faces import FaceSource, check_labels, resolve_source
+from synfer_ray.errors import SynferError
+from synfer_ray.train.diffusion import StageJob, denoiser_loop, vae_loop
+
+BUNDLE_DIR = "bundle"
+
+
+# --- reading labelled faces ----------------------------------------------------------------------
+
+def check_faces(settings: LabelledFacesConfig, classes: Sequence[str], field: str = "data.path",
+                au_count: int | None = None) -> tuple[FaceSource, dict[str, int]]:
+    """Refuse missing columns, unknown labels, empty classes and AU vectors of the wrong length."""
+    import pyarrow.dataset as pads
+    source = resolve_source(settings.path, field)
+    counts = check_labels(source, classes, field)
+    empty = [name for name in classes if counts.get(name, 0) == 0]
+    if empty:
+        raise SynferError(field, settings.path, f"at least one row of every class; none of {empty} "
+                                                f"(add such faces, or train on a class set without them)")
+    if au_count is not None and au_rows(source):
+        column = pads.dataset(source.data_path, format="parquet").to_table(columns=["aus"]).column("aus")
+        lengths = {len(v) for v in column.to_pylist() if v is not None}
+        for length in lengths:
+            if length != au_count:
+                raise SynferError(f"{field} (aus column)", f"{length} values per row",
+                                  f"{au_count} AU intensities per row, in the bundle's AU order")
+    return source, counts
+
+
+def read_faces(source: FaceSource, settings: LabelledFacesConfig, seed: int, columns: Sequence[str] = ()):
+    """Ray Data over the source's rows (the chosen part, a seeded subset when ``limit`` is set)."""
+    import pyarrow.dataset as pads
+    import ray.data
+
+    from synfer_ray.data.faces import in_part
+    present = set(pads.dataset(source.data_path, format="parquet").schema.names)
+    wanted = ["image", "label"] + [c for c in columns if c in present]
+    dataset = ray.data.read_parquet(source.data_path, columns=wanted)
+    if settings.part:
+        part = settings.part
+        dataset = dataset.map_batches(lambda b: {k: v[in_part(b["image"], part)] for k, v in b.items()},
+                                      batch_format="numpy")
+    if settings.limit:
+        dataset = dataset.random_shuffle(seed=seed).limit(settings.limit)
+    return dataset
+
+
+def decoded_pixels(dataset, classes: Sequence[str], image_size: int):
+    from synfer_ray.data.faces import decode_faces
+
+    def decode(batch):
+        out = decode_faces(batch, classes, image_size, soft=False, synthetic=False)
+        return {"pixels": out["pixels"][out["valid"]]}
+    return dataset.map_batches(decode, batch_format="numpy")
+
+
+def encoded_latents(dataset, components: Path, classes: Sequence[str], au_names: Sequence[str],
+                    au_jitter: float, image_size: int, actors: int):
+    """Latents, tokens and AUs for every row, computed once by a pool of VAE actors and kept."""
+    import ray.data
+
+    from synfer_ray.data.conditioning import EncodeForDenoiser
+    return dataset.map_batches(
+        EncodeForDenoiser, batch_size=128, batch_format="numpy",
+        fn_constructor_kwargs={"components": str(components), "classes": tuple(classes),
+                               "au_names": tuple(au_names), "au_jitter": au_jitter, "image_size": image_size},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=1).materialize()
+
+
+# --- stages --------------------------------------------------------------------------------------
+
+class StageLedger:
+    """Which stages of a run are finished (``stages.json``), so a rerun skips them."""
+
+    def __init__(self, output: Path):
+        self.path = output / "stages.json"
+        self.done: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def finish(self, stage: str, record: dict[str, Any]) -> None:
+        self.done[stage] = record
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.done, indent=2))
+        temporary.replace(self.path)
+
+
+def fit_stage(loop, job: StageJob, dataset, scaling: ScalingConfig, name: str, storage: Path):
+    """One Ray Train run of ``loop``; a rerun with the same name and storage resumes it."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    trainer = TorchTrainer(
+        loop, train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        datasets={"train": dataset},
+        run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
+                                       failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        history = json.loads((Path(directory) / "synfer_state.json").read_text())["history"]
+        return Path(directory), history, result
+
+
+def stage_job(stage: str, components: Path, settings: StageConfig, seed: int, scaling: ScalingConfig,
+              run, **extra) -> StageJob:
+    return StageJob(stage=stage, components=str(components), steps=settings.steps, batch_size=settings.batch_size,
+                    lr=settings.lr, warmup_steps=settings.warmup_steps, checkpoint_every=settings.checkpoint_every,
+                    log_every=settings.log_every, seed=seed, torch_threads=scaling.torch_threads,
+                    mlflow_uri=run.uri, mlflow_run_id=run.run_id, **extra)
+
+
+def replace_components(checkpoint: Path, subdirectory: str, names: Sequence[str], components: Path) -> None:
+    """Copy ``checkpoint/<subdirectory>/<name>`` over ``components/<name>`` for each trained part."""
+    for name in names:
+        target = components / name
+        staged = components / f".{name}.new"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(checkpoint / subdirectory / name, staged)
+        config = target / "config.json"
+        if name == "vae" and config.is_file():  # keep fields written after the stage (scaling factor)
+            staged_config = staged / "config.json"
+            merged = {**json.loads(config.read_text()), **json.loads(staged_config.read_text())}
+            staged_config.write_text(json.dumps(merged, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+
+
+def set_latent_scale(components: Path, dataset, samples: int = 1024) -> float:
+    """SD's trick: scale latents to unit variance, measured on the training images."""
+    import torch
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(components, subfolder="vae", use_safetensors=True).eval()
+    batch = next(iter(dataset.iter_batches(batch_size=samples, batch_format="numpy")))
+    pixels = torch.from_numpy(batch["pixels"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean
+    scale = float(1.0 / latents.std())
+    config_path = components / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["scaling_factor"] = scale
+    config_path.write_text(json.dumps(config, indent=2))
+    return scale
+
+
+# --- the job -------------------------------------------------------------------------------------
+
+def _start_components(config: GeneratorTrainConfig, components: Path) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    """Write the starting weights once; return (classes, AU names, resolution)."""
+    from synfer_ray.bundle import BundleManifest, new_generator
+    if config.from_bundle:
+        manifest = BundleManifest.read(Path(config.from_bundle))
+        if manifest.base_model:
+            raise SynferError("from_bundle", config.from_bundle, "a bundle holding its own weights (this one "
+                                                                 "points at base_model; copy those weights in first)")
+        if not components.is_dir():
+            shutil.copytree(config.from_bundle, components, ignore=shutil.ignore_patterns("sg_classifier"))
+        return manifest.classes, manifest.au_names, manifest.resolution
+    arch = config.architecture
+    if not components.is_dir():
+        new_generator(arch, config.seed).save(components, taxonomy.expression_set(arch.expressions), arch.resolution)
+    return taxonomy.expression_set(arch.expressions), taxonomy.au_set(arch.au_set), arch.resolution
+
+
+def _check(config: GeneratorTrainConfig, output: Path, overwrite: bool):
+    from synfer_ray.bundle import BundleManifest
+    from synfer_ray.classifiers import load_classifier
+    if (output / BUNDLE_DIR).exists() and not overwrite:
+        raise SynferError("output", config.output, "a directory without a finished bundle/ (this run is done); "
+                                                   "use another output or --overwrite")
+    if config.from_bundle:
+        manifest = BundleManifest.read(Path(config.from_bundle))
+        classes, au_names = manifest.classes, manifest.au_names
+    else:
+        classes = taxonomy.expression_set(config.architecture.expressions)
+        au_names = taxonomy.au_set(config.architecture.au_set)
+    source, counts = check_faces(config.data, classes, au_count=len(au_names))
+    for field in ("sg_classifier", "quality.evaluator"):
+        path = config.sg_classifier if field == "sg_classifier" else config.quality.evaluator
+        if path:
+            model = load_classifier(path, field=field)
+            missing = sorted(set(classes) - set(model.classes))
+            if missing:
+                raise SynferError(field, path, f"a classifier over the generator's classes; it lacks {missing}")
+    return source, counts
+
+
+def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Train (or fine-tune) a generator on labelled faces; write ``<output>/bundle``; report quality."""
+    from synfer_ray.pipeline import ensure_ray
+    from synfer_ray.tracking import start_run
+
+    output = Path(config.output).resolve()
+    source, counts = _check(config, output, overwrite)
+    if overwrite and output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "train_generator_config.json").write_text(config.model_dump_json(indent=2))
+    components = output / "stages" / "current"
+    classes, au_names, resolution = _start_components(config, components)
+    ledger = StageLedger(output)
+    with start_run(config.tracking, config.name) as run:
+        run.log_params({"config": config.model_dump(mode="json"), "lineage.data": source.lineage,
+                        "data.class_counts": counts})
+        run.set_tags({"synfer.job": "train-generator"})
+        ensure_ray(config.ray)
+        import ray.data
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        faces = read_faces(source, config.data, config.seed, columns=("caption", "aus"))
+        if "vae" not in ledger.done:
+            pixels = decoded_pixels(faces, classes, resolution)
+            if config.vae.steps:
+                job = stage_job("vae", components, config.vae, config.seed, config.scaling, run,
+                                kl_weight=config.vae.kl_weight)
+                checkpoint, history, _ = fit_stage(vae_loop, job, pixels, config.scaling, f"{config.name}-vae",
+                                                   output / "ray")
+                replace_components(checkpoint, "weights", ["vae"], components)
+            else:
+                history = []
+            scale = set_latent_scale(components, pixels)
+            ledger.finish("vae", {"history": history, "scaling_factor": scale})
+        if "denoiser" not in ledger.done:
+            stage = config.unet
+            trainable = tuple(name for name, on in (("unet", True), ("text_encoder", stage.train_text_encoder),
+                                                    ("au_adapter", stage.train_adapter)) if on)
+            latents = encoded_latents(faces, components, classes, au_names, stage.au_jitter, resolution,
+                                      actors=max(1, int(config.ray.num_cpus or 2) // 2))
+            job = stage_job("denoiser", components, stage, config.seed, config.scaling, run,
+                            caption_dropout=stage.caption_dropout, ema_decay=stage.ema_decay, trainable=trainable)
+            checkpoint, history, _ = fit_stage(denoiser_loop, job, latents, config.scaling,
+                                               f"{config.name}-denoiser", output / "ray")
+            replace_components(checkpoint, "ema", trainable, components)
+            ledger.finish("denoiser", {"history": history, "trainable": trainable})
+        training = {"data": {"path": config.data.path, "lineage": source.lineage, "class_counts": counts},
+                    "config": config.model_dump(mode="json"),
+                    "au_conditioning": "per-class prototype AUs (label conditioning)"
+                    if not au_rows(source) else f"rows' own AU vectors ({au_rows(source)} rows; others prototypes)",
+                    "final": {stage: record["history"][-1] if record["history"] else None
+                              for stage, record in ledger.done.items()}}
+        bundle = write_bundle(components, output / BUNDLE_DIR, classes, resolution, config.sg_classifier, training)
+        from synfer_ray.train.generator_report import quality_report
+        report = quality_report(output / BUNDLE_DIR, config.quality, output / "report", faces, classes)
+        run.log_metrics({k: v for k, v in report["metrics"].items()})
+        run.log_artifacts(output / "report", "report")
+        run.log_artifact(output / "stages.json")
+        run.log_artifact(output / "train_generator_config.json")
+        summary = {"bundle": str(output / BUNDLE_DIR), "content_hash": bundle.content_hash,
+                   "stages": {stage: record["history"][-1] if record["history"] else None
+                              for stage, record in ledger.done.items()},
+                   "quality": report["metrics"], "au_conditioning": training["au_conditioning"],
+                   "mlflow_run_id": run.run_id}
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def au_rows(source: FaceSource) -> int:
+    """How many rows carry their own AU vector."""
+    import pyarrow.dataset as pads
+    dataset = pads.dataset(source.data_path, format="parquet")
+    if "aus" not in dataset.schema.names:
+        return 0
+    column = dataset.to_table(columns=["aus"]).column("aus")
+    return len(column) - column.null_count
+
+
+def write_bundle(components: Path, target: Path, classes: Sequence[str], resolution: int,
+                 sg_classifier: str | None, training: dict[str, Any]):
+    """Copy the trained components to ``target`` with the guide, and seal the manifest."""
+    from synfer_ray.bundle import seal_bundle
+    from synfer_ray.classifiers import load_classifier
+    staged = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(components, staged, ignore=shutil.ignore_patterns("synfer_bundle.json", "sg_classifier"))
+    guide = load_classifier(sg_classifier, field="sg_classifier") if sg_classifier else None
+    manifest = seal_bundle(staged, classes, resolution, guide, training)
+    shutil.rmtree(target, ignore_errors=True)
+    staged.rename(target)
+    return manifest
+
+
+def sample_grid_requests(classes: Sequence[str], au_names: Sequence[str], per_class: int, seed: int):
+    """``per_class`` requests per class with seeded prompts and prototype AUs (jittered)."""
+    from synfer_ray.generator.sampler import SampleRequest
+    requests = []
+    for index, name in enumerate(classes):
+        for k in range(per_class):
+            row_seed = seed + index * per_class + k
+            requests.append(SampleRequest(seed=row_seed, prompt=taxonomy.build_prompt(row_seed, name),
+                                          aus=taxonomy.sample_target_aus(row_seed, name, au_names).tolist(),
+                                          target=name))
+    return requests
+
+
+def agreement_by_class(probabilities: np.ndarray, targets: Sequence[str], classes: Sequence[str]) -> dict[str, float]:
+    """Share of samples whose argmax class is their target, per target class and overall."""
+    predicted = np.asarray(classes)[probabilities.argmax(axis=1)]
+    targets = np.asarray(targets)
+    shares = {name: float((predicted[targets == name] == name).mean()) for name in dict.fromkeys(targets)}
+    shares["overall"] = float((predicted == targets).mean())
+    return shares

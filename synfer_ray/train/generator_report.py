@@ -1,0 +1,78 @@
+"""The quality report of a trained generator: what it makes per class, how well the VAE
+reconstructs, and how often a FER classifier trained on real faces agrees with the asked class."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from synfer_ray.config import QualityConfig
+from synfer_ray.images import png_bytes
+from synfer_ray.reports import contact_sheet
+
+
+def sample_per_class(bundle, settings, per_class: int, seed: int, batch_size: int = 32):
+    """(images uint8 (N, H, W, 3), targets) with ``per_class`` seeded samples of every class."""
+    from synfer_ray.generator.sampler import GuidedSampler
+    from synfer_ray.train.generator import sample_grid_requests
+    requests = sample_grid_requests(bundle.classes, bundle.au_names, per_class, seed)
+    sampler = GuidedSampler(bundle)
+    images = [sampler.generate(requests[start:start + batch_size], settings)
+              for start in range(0, len(requests), batch_size)]
+    return np.concatenate(images), [r.target for r in requests]
+
+
+def reconstructions(bundle, originals: np.ndarray, path: Path, cell: int = 64) -> float:
+    """Originals (top row) above their VAE reconstructions; returns the mean absolute error in [0, 1]."""
+    import torch
+    from synfer_ray.generator.sampler import GuidedSampler
+    sampler = GuidedSampler(bundle)
+    with torch.no_grad():
+        decoded = sampler.decode(sampler.encode_images(originals))
+    rebuilt = (decoded.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    sheet = Image.new("RGB", (len(originals) * cell, 2 * cell), "white")
+    for column, (original, copy) in enumerate(zip(originals, rebuilt)):
+        for row, image in enumerate((original, copy)):
+            sheet.paste(Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST),
+                        (column * cell, row * cell))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return float(np.abs(rebuilt.astype(np.float32) - originals.astype(np.float32)).mean() / 255)
+
+
+def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, faces, classes: Sequence[str]) -> dict[str, Any]:
+    """Write ``contact_sheet.png``, ``reconstructions.png`` and ``quality.json`` under ``out``."""
+    from synfer_ray.bundle import load_bundle
+    from synfer_ray.classifiers import load_classifier, predict_probabilities
+    from synfer_ray.data.faces import decode_faces
+    from synfer_ray.generator.sampler import SamplerSettings
+    from synfer_ray.train.generator import agreement_by_class
+    bundle = load_bundle(bundle_path, sg_classifier=quality.sampling.sg_classifier)
+    sampling = quality.sampling
+    settings = SamplerSettings(steps=sampling.steps, cfg_scale=sampling.cfg_scale, au_scale=sampling.au_scale,
+                               sg_scale=sampling.sg_scale, sg_window=sampling.sg_window)
+    images, targets = sample_per_class(bundle, settings, quality.samples_per_class, quality.seed)
+    by_class: dict[str, list[bytes]] = {}
+    for image, target in zip(images, targets):
+        by_class.setdefault(target, []).append(png_bytes(image))
+    contact_sheet(by_class, bundle.classes, out / "contact_sheet.png", per_class=min(8, quality.samples_per_class))
+    originals = decode_faces(faces.take_batch(16, batch_format="numpy"), classes, bundle.manifest.resolution,
+                             soft=False, synthetic=False)
+    error = reconstructions(bundle, originals["pixels"][originals["valid"]], out / "reconstructions.png")
+    metrics: dict[str, float] = {"quality_reconstruction_mae": error}
+    report: dict[str, Any] = {"settings": settings.__dict__, "samples_per_class": quality.samples_per_class,
+                              "reconstruction_mae": error, "evaluator": quality.evaluator}
+    if quality.evaluator:
+        evaluator = load_classifier(quality.evaluator, field="quality.evaluator")
+        probabilities = predict_probabilities(evaluator, images)
+        shares = agreement_by_class(probabilities, targets, evaluator.classes)
+        report["evaluator_agreement"] = shares
+        report["evaluator_confidence"] = float(probabilities.max(axis=1).mean())
+        metrics.update({f"quality_agreement_{name}": share for name, share in shares.items()})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(report, indent=2))
+    return {"metrics": metrics, "report": report}

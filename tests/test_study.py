@@ -1,0 +1,101 @@
+"""`synfer study` scaled down to minutes: every table cell produced, guide and evaluator different models."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import yaml
+
+from synfer_ray.config import StudyConfig, build_config
+from synfer_ray.errors import SynferError
+from synfer_ray.study import StageCache, check_independent, within_class_diversity
+
+
+def test_diversity_is_zero_for_copies_and_grows_with_spread():
+    labels = np.array(["a"] * 4 + ["b"] * 4)
+    same = np.tile([[1.0, 0.0]], (8, 1))
+    assert within_class_diversity(same, labels) == pytest.approx(0.0, abs=1e-9)
+    spread = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]] * 2, dtype=float)
+    assert within_class_diversity(spread, labels) == pytest.approx(4 / 3)  # mean cosine distance of 4 axes
+
+
+def test_the_evaluator_must_not_be_the_guide():
+    guide = {"model": "g", "arch": "small_cnn", "seed": 0, "parts": ["1/2"], "weights_sha256": "x",
+             "model_type": "resnet", "hidden_sizes": [32]}
+    with pytest.raises(SynferError, match="same weights"):
+        check_independent(guide, dict(guide))
+    with pytest.raises(SynferError, match="architecture other than"):
+        check_independent(guide, {**guide, "weights_sha256": "y", "seed": 1, "parts": ["2/2"]})
+    other = {**guide, "weights_sha256": "y", "arch": "resnet18", "hidden_sizes": [64]}
+    with pytest.raises(SynferError, match="seed other than"):
+        check_independent(guide, {**other, "parts": ["2/2"]})
+    with pytest.raises(SynferError, match="another part"):
+        check_independent(guide, {**other, "seed": 1})
+    check_independent(guide, {**other, "seed": 1, "parts": ["2/2"]})
+
+
+def test_stage_cache_reuses_an_identical_stage_only(tmp_path):
+    cache, calls = StageCache(tmp_path), []
+
+    def make(directory):
+        calls.append(directory)
+        return {"value": len(calls)}
+    assert cache.run("k", {"a": 1}, make) == {"value": 1, "cached": False}
+    assert cache.run("k", {"a": 1}, make) == {"value": 1, "cached": True}
+    assert cache.run("k", {"a": 2}, make)["value"] == 2 and len(calls) == 2
+
+
+def classifier_yaml(path, faces, arch, seed, part, epochs=1, **model):
+    path.write_text(yaml.safe_dump({
+        "output": "unused", "data": {"train": [{"path": str(faces["train"]), "part": part}], "val_fraction": 0.2},
+        "model": {"arch": arch, **model}, "optim": {"epochs": epochs, "batch_size": 32, "seed": seed, "zero_stage": 0},
+        "scaling": {"num_workers": 1, "torch_threads": 1}}))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path, separable_parquet, tmp_path):
+    from synfer_ray.study import run_study
+    faces = separable_parquet
+    study = build_config(StudyConfig, {
+        "name": "study-ci", "output": str(tmp_path / "study"),
+        "real_train": str(faces["train"]), "real_test": str(faces["test"]),
+        "guide": {"config": classifier_yaml(tmp_path / "guide.yaml", faces, "small_cnn", 0, "1/2")},
+        "evaluator": {"config": classifier_yaml(tmp_path / "evaluator.yaml", faces, "small_convnext", 1, "2/2")},
+        "generator": {"model": str(tiny_bundle_path)},
+        "labeler": {"config": classifier_yaml(tmp_path / "labeler.yaml", faces, "feranno", 0, None,
+                                              labeler={"dim": 16, "heads": 2})},
+        "generation": {"per_class": 2, "sampling": {"steps": 2, "cfg_scale": 2.0, "sg_scale": 1.0},
+                       "tau": 0.0, "generator": {"min_actors": 1, "max_actors": 1, "batch_size": 8}},
+        "downstream": {"real_rows": 70, "multiples": [1, 2],
+                       "train": {"config": classifier_yaml(tmp_path / "small.yaml", faces, "small_cnn", 0, None)},
+                       "seeds": [0]},
+        "tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "study-ci"},
+    })
+    results = run_study(study)
+    report = (tmp_path / "study" / "report" / "report.md").read_text()
+    assert "n/a" not in report and "nan" not in report  # every cell has a figure
+    for title in ("(a) text only", "(b) text + AU", "(c) text + AU + SG", "(d) text + AU + SG + labeler",
+                  "real only", "synthetic only 1x", "synthetic only 2x", "real + synthetic 1x"):
+        assert re.search(rf"\| {re.escape(title)} \| \d", report), title
+    guide, evaluator = results["classifiers"]["guide"], results["classifiers"]["evaluator"]
+    assert guide["weights_sha256"] != evaluator["weights_sha256"] and guide["arch"] != evaluator["arch"]
+    for condition in ("text", "text_au", "text_au_sg"):  # without the labeler the label is the target
+        assert results["conditions"][condition]["label_matches_target"] == 1.0
+    assert results["conditions"]["text_au_sg_labeler"]["rows"] == 14
+    for name in ("contact_text.png", "contact_text_au_sg_labeler.png", "confusion_real_only.png"):
+        assert (tmp_path / "study" / "report" / name).is_file()
+    # One parent run, every stage a child run of it.
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("study-ci").experiment_id])
+    parent = [r for r in runs if r.info.run_id == results["mlflow_run_id"]][0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) >= 3 + 5 + 4  # guide, evaluator, labeler; 5 generations; 4 downstream runs
+    assert "fer_accuracy" in json.dumps(parent.data.metrics)
+    # A second run takes every stage from the cache.
+    again = run_study(study)
+    assert all(d["cached"] for runs_ in again["downstream"].values() for d in runs_)
