@@ -82,6 +82,37 @@ def bundle_export(
     typer.echo(f"wrote {target} ({size / 2**20:.1f} MiB, content hash {manifest.content_hash[:16]})")
 
 
+@bundle_app.command("quality")
+def bundle_quality(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    evaluator: Path = typer.Option(..., help="A FER classifier trained on real faces (not the bundle's guide)."),
+    faces: Path = typer.Option(..., help="Labelled real faces (Parquet) for the reconstructions."),
+    out: Path = typer.Option(..., help="Directory for contact_sheet.png, reconstructions.png, quality.json."),
+    per_class: int = typer.Option(32, help="Samples per class."),
+    steps: int = typer.Option(25, help="DDIM steps."),
+    cfg_scale: float = typer.Option(3.0, help="Classifier-free guidance scale."),
+    sg_scale: float = typer.Option(0.0, help="Semantic guidance scale (the bundle's sg_classifier guides)."),
+    seed: int = typer.Option(10_000, help="Seed of the first sample."),
+) -> None:
+    """How often a real-data FER classifier agrees with the asked class, per class; contact sheet."""
+    import pyarrow.dataset as pads
+
+    from synfer_ray.bundle import BundleManifest
+    from synfer_ray.config import QualityConfig, SamplingConfig
+    from synfer_ray.train.generator_report import originals_from, quality_report
+    try:
+        manifest = BundleManifest.read(bundle)
+        rows = pads.dataset(str(faces), format="parquet").head(64, columns=["image", "label"]).to_pydict()
+        quality = QualityConfig(evaluator=str(evaluator), samples_per_class=per_class, seed=seed,
+                                sampling=SamplingConfig(steps=steps, cfg_scale=cfg_scale, sg_scale=sg_scale))
+        report = quality_report(bundle, quality, out, originals_from(rows, manifest.classes, manifest.resolution))
+    except SynferError as error:
+        _fail(error)
+    for name, value in report["metrics"].items():
+        typer.echo(f"{name}: {value:.4f}")
+    typer.echo(f"report: {out}")
+
+
 @bundle_app.command("info")
 def bundle_info(path: Path = typer.Argument(..., help="Bundle directory.")) -> None:
     """Print a bundle's manifest after checking its content hash."""
@@ -406,15 +437,21 @@ def demo(
     output: Path = typer.Option(Path("outputs/demo"), help="Where the bundle, dataset and MLflow store go."),
     count: int = typer.Option(224, help="Images to generate."),
 ) -> None:
-    """The main job on embedded defaults: local Ray, a tiny bundle, local MLflow, local output."""
+    """The main job on embedded defaults: local Ray, the shipped faces-48 bundle (a tiny random one
+    where it is absent), local MLflow, local output."""
     from synfer_ray.bundle import MANIFEST_NAME, make_tiny_bundle
     from synfer_ray.config import GenerateConfig, load_config
     from synfer_ray.generate import run_generate, summary_table
     from synfer_ray.presets import preset_path
-    bundle = output / "bundle"
-    if not (bundle / MANIFEST_NAME).is_file():
-        typer.echo(f"making a tiny random-weight bundle at {bundle}")
-        make_tiny_bundle(bundle)
+    shipped = Path(__file__).resolve().parents[1] / "models" / "faces-48"
+    if (shipped / MANIFEST_NAME).is_file():
+        bundle = shipped
+        typer.echo(f"using the shipped bundle {bundle} (FER-2013 faces, research use only)")
+    else:
+        bundle = output / "bundle"
+        if not (bundle / MANIFEST_NAME).is_file():
+            typer.echo(f"making a tiny random-weight bundle at {bundle} (no shipped models/faces-48 here)")
+            make_tiny_bundle(bundle)
     dataset = output / "dataset"
     overrides = [f"bundle={bundle}", f"output={dataset}", f"count={count}",
                  f"labeling.voters=[{{path: {bundle / 'sg_classifier'}, name: bundle-guide}}]",

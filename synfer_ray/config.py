@@ -31,6 +31,7 @@ class PoolConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0)
     batch_size: int = Field(16, ge=1)
     torch_threads: int = Field(1, ge=1)
+    resources: dict[str, float] = {}  # custom Ray resources per actor, e.g. {accelerator: 1}
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -305,6 +306,10 @@ class ScalingConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int = Field(1, ge=1)
     max_failures: int = Field(2, ge=0)
+    resources_per_worker: dict[str, float] = {}  # custom Ray resources per worker, e.g. {accelerator: 1}
+
+    def worker_resources(self) -> dict[str, float]:
+        return {"CPU": self.cpus_per_worker, **self.resources_per_worker}
 
 
 class TrainConfig(_Strict):
@@ -340,6 +345,7 @@ class ServeConfig(_Strict):
     api_key_env: str | None = None  # name of an env var holding the key; unset = no key required
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
+    resources: dict[str, float] = {}  # custom Ray resources per replica
     torch_threads: int = Field(2, ge=1)
     max_ongoing_requests: int = Field(32, ge=1)
     autoscaling: AutoscalingConfig = AutoscalingConfig()

@@ -48,6 +48,10 @@ def from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
+def _custom(pool: PoolConfig) -> dict:
+    return {"resources": dict(pool.resources)} if pool.resources else {}
+
+
 def _device(pool: PoolConfig) -> str:
     return "cuda" if pool.num_gpus > 0 else "cpu"
 
@@ -139,10 +143,10 @@ def run_shards(job: GenerateJob, shards: list[int]) -> Iterator[dict]:
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(GenerateShard, batch_size=1, fn_constructor_kwargs={"job": job},
                      compute=ray.data.ActorPoolStrategy(min_size=gen.min_actors, max_size=gen.max_actors),
-                     num_cpus=gen.num_cpus, num_gpus=gen.num_gpus)
+                     num_cpus=gen.num_cpus, num_gpus=gen.num_gpus, **_custom(gen))
         .map_batches(LabelShard, batch_size=1, fn_constructor_kwargs={"job": job},
                      compute=ray.data.ActorPoolStrategy(min_size=lab.min_actors, max_size=lab.max_actors),
-                     num_cpus=lab.num_cpus, num_gpus=lab.num_gpus)
+                     num_cpus=lab.num_cpus, num_gpus=lab.num_gpus, **_custom(lab))
         .map_batches(write_shards, batch_size=1, fn_kwargs={"job": job}, num_cpus=0.25)
     )
     yield from dataset.iter_rows()

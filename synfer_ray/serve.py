@@ -195,7 +195,8 @@ def build_app(config: ServeConfig):
     scaling = config.autoscaling
     deployment = serve.deployment(
         SynferGenerator, name="SynferGenerator",
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus,
+                           **({"resources": dict(config.resources)} if config.resources else {})},
         max_ongoing_requests=config.max_ongoing_requests,
         autoscaling_config={"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
                             "target_ongoing_requests": scaling.target_ongoing_requests})

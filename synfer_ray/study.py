@@ -81,10 +81,17 @@ def _classifier_description(path: str) -> dict:
             "hidden_sizes": config.get("hidden_sizes"), "weights_sha256": digest}
 
 
-def classifier_stage(stage: StudyStage, kind: str, cache: StageCache, tracking: TrackingConfig) -> dict:
-    from synfer_ray.train.fer import run_train
+def classifier_stage(stage: StudyStage, kind: str, cache: StageCache, tracking: TrackingConfig,
+                     real_test: str) -> dict:
+    """Train (or take) one classifier; its accuracy on the study's real test set is measured here."""
+    from synfer_ray.train.fer import evaluate_model, run_train
+
+    def test_figures(model: str) -> dict:
+        report = evaluate_model(model, real_test)
+        return {k: report[k] for k in ("accuracy", "uar", "macro_f1")}
+
     if stage.model:
-        return {"model": stage.model, "arch": None, "seed": None, "parts": None, "test": None,
+        return {"model": stage.model, "arch": None, "seed": None, "parts": None, "test": test_figures(stage.model),
                 **_classifier_description(stage.model)}
     config = _load_stage(TrainConfig, stage, kind)
 
@@ -93,9 +100,9 @@ def classifier_stage(stage: StudyStage, kind: str, cache: StageCache, tracking: 
                                                "register_as": None, "name": f"study-{kind}"})
         summary = run_train(run_config)
         return {"model": summary["model"], "arch": config.model.arch, "seed": config.optim.seed,
-                "parts": [s.part for s in config.data.train], "test": summary.get("test"),
+                "parts": [s.part for s in config.data.train], "test": test_figures(summary["model"]),
                 **_classifier_description(summary["model"])}
-    return cache.run(kind, _identity(config), make)
+    return cache.run(kind, {**_identity(config), "real_test": real_test}, make)
 
 
 def check_independent(guide: dict, evaluator: dict) -> None:
@@ -296,8 +303,8 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
         parent.log_params({"config": study.model_dump(mode="json")})
         parent.set_tags({"synfer.job": "study"})
         ensure_ray(study.ray)
-        guide = classifier_stage(study.guide, "guide", cache, tracking)
-        evaluator_info = classifier_stage(study.evaluator, "evaluator", cache, tracking)
+        guide = classifier_stage(study.guide, "guide", cache, tracking, study.real_test)
+        evaluator_info = classifier_stage(study.evaluator, "evaluator", cache, tracking, study.real_test)
         check_independent(guide, evaluator_info)
         results["classifiers"] = {"guide": guide, "evaluator": evaluator_info}
         generator = generator_stage(study, guide, evaluator_info, cache, tracking)

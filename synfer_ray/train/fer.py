@@ -326,7 +326,7 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_loop, train_loop_config={"job": job},
             scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                                   resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                                   resources_per_worker=scaling.worker_resources()),
             torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
             datasets={"train": train, "validation": validation},
             run_config=ray.train.RunConfig(

@@ -111,7 +111,7 @@ def fit_stage(loop, job: StageJob, dataset, scaling: ScalingConfig, name: str, s
     trainer = TorchTrainer(
         loop, train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                               resources_per_worker=scaling.worker_resources()),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         datasets={"train": dataset},
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
@@ -153,7 +153,7 @@ def set_latent_scale(components: Path, dataset, samples: int = 1024) -> float:
     from diffusers import AutoencoderKL
     vae = AutoencoderKL.from_pretrained(components, subfolder="vae", use_safetensors=True).eval()
     batch = next(iter(dataset.iter_batches(batch_size=samples, batch_format="numpy")))
-    pixels = torch.from_numpy(batch["pixels"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pixels = torch.from_numpy(np.array(batch["pixels"])).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.mean
     scale = float(1.0 / latents.std())
@@ -259,8 +259,9 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
                     "final": {stage: record["history"][-1] if record["history"] else None
                               for stage, record in ledger.done.items()}}
         bundle = write_bundle(components, output / BUNDLE_DIR, classes, resolution, config.sg_classifier, training)
-        from synfer_ray.train.generator_report import quality_report
-        report = quality_report(output / BUNDLE_DIR, config.quality, output / "report", faces, classes)
+        from synfer_ray.train.generator_report import originals_from, quality_report
+        originals = originals_from(faces.take_batch(16, batch_format="numpy"), classes, resolution)
+        report = quality_report(output / BUNDLE_DIR, config.quality, output / "report", originals)
         run.log_metrics({k: v for k, v in report["metrics"].items()})
         run.log_artifacts(output / "report", "report")
         run.log_artifact(output / "stages.json")

@@ -44,11 +44,20 @@ def reconstructions(bundle, originals: np.ndarray, path: Path, cell: int = 64) -
     return float(np.abs(rebuilt.astype(np.float32) - originals.astype(np.float32)).mean() / 255)
 
 
-def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, faces, classes: Sequence[str]) -> dict[str, Any]:
+def originals_from(faces: dict[str, Sequence], classes: Sequence[str], size: int, count: int = 16) -> np.ndarray:
+    """Up to ``count`` decodable real faces (uint8 RGB) from a batch of ``image`` + ``label`` rows."""
+    from synfer_ray.data.faces import decode_faces
+    decoded = decode_faces({k: list(v)[:count] for k, v in faces.items()}, classes, size, soft=False, synthetic=False)
+    return decoded["pixels"][decoded["valid"]]
+
+
+def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, originals: np.ndarray,
+                   classes: Sequence[str] | None = None) -> dict[str, Any]:
     """Write ``contact_sheet.png``, ``reconstructions.png`` and ``quality.json`` under ``out``."""
+    if hasattr(originals, "take_batch"):  # TEMPORARY: the caller of the running faces-48 job passes a dataset
+        originals = originals_from(originals.take_batch(16, batch_format="numpy"), classes, 48)
     from synfer_ray.bundle import load_bundle
     from synfer_ray.classifiers import load_classifier, predict_probabilities
-    from synfer_ray.data.faces import decode_faces
     from synfer_ray.generator.sampler import SamplerSettings
     from synfer_ray.train.generator import agreement_by_class
     bundle = load_bundle(bundle_path, sg_classifier=quality.sampling.sg_classifier)
@@ -60,9 +69,7 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, faces, 
     for image, target in zip(images, targets):
         by_class.setdefault(target, []).append(png_bytes(image))
     contact_sheet(by_class, bundle.classes, out / "contact_sheet.png", per_class=min(8, quality.samples_per_class))
-    originals = decode_faces(faces.take_batch(16, batch_format="numpy"), classes, bundle.manifest.resolution,
-                             soft=False, synthetic=False)
-    error = reconstructions(bundle, originals["pixels"][originals["valid"]], out / "reconstructions.png")
+    error = reconstructions(bundle, originals, out / "reconstructions.png")
     metrics: dict[str, float] = {"quality_reconstruction_mae": error}
     report: dict[str, Any] = {"settings": settings.__dict__, "samples_per_class": quality.samples_per_class,
                               "reconstruction_mae": error, "evaluator": quality.evaluator}
