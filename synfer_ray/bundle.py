@@ -212,9 +212,11 @@ def seal_bundle(path: str | Path, classes: Sequence[str], resolution: int,
     return _seal(path, adapter, classes, resolution, sg_classifier, base_model=base_model, training=training)
 
 
-def export_bundle(source: str | Path, target: str | Path, dtype: torch.dtype = torch.float16) -> BundleManifest:
+def export_bundle(source: str | Path, target: str | Path, dtype: torch.dtype = torch.float16,
+                  card: str | None = None) -> BundleManifest:
     """A copy of ``source`` with every floating-point weight stored as ``dtype`` (fp16 halves the size
-    of a shipped bundle); same manifest, new content hash. Loading upcasts again (``load_bundle``)."""
+    of a shipped bundle) and an optional model card (``README.md``); same manifest, new content hash.
+    Loading upcasts again (``load_bundle``)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -230,6 +232,8 @@ def export_bundle(source: str | Path, target: str | Path, dtype: torch.dtype = t
         tensors = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
                    for name, tensor in load_file(file).items()}
         save_file(tensors, file, metadata=metadata)
+    if card is not None:
+        (staged / "README.md").write_text(card)
     exported = BundleManifest(classes=manifest.classes, au_names=manifest.au_names, resolution=manifest.resolution,
                               base_model=manifest.base_model, versions=manifest.versions, training=manifest.training,
                               content_hash=content_hash(staged, manifest.base_model))

@@ -66,6 +66,7 @@ def bundle_export(
     source: Path = typer.Argument(..., help="Bundle directory."),
     target: Path = typer.Argument(..., help="Where to write the copy."),
     dtype: str = typer.Option("fp16", help="fp16 or bf16 (the weights' storage type)."),
+    card: Optional[Path] = typer.Option(None, help="A model card (Markdown) to ship as README.md."),
 ) -> None:
     """Copy a bundle with its weights stored in half precision (for shipping); loads back in fp32."""
     import torch
@@ -75,7 +76,9 @@ def bundle_export(
     try:
         if dtype not in types:
             raise SynferError("--dtype", dtype, "fp16 or bf16")
-        manifest = export_bundle(source, target, types[dtype])
+        if card is not None and not card.is_file():
+            raise SynferError("--card", str(card), "an existing Markdown file")
+        manifest = export_bundle(source, target, types[dtype], card.read_text() if card else None)
     except SynferError as error:
         _fail(error)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())

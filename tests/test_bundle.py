@@ -87,3 +87,23 @@ def test_bad_manifest_is_named(tmp_path, tiny_bundle_path):
     (copy / MANIFEST_NAME).write_text(json.dumps(raw))
     with pytest.raises(SynferError, match=rf"bundle/{MANIFEST_NAME}.*au_names"):
         load_bundle(copy)
+
+
+def test_fp16_export_halves_the_weights_loads_in_fp32_and_samples_alike(tiny_bundle_path, tmp_path):
+    import numpy as np
+    import torch
+
+    from synfer_ray.bundle import export_bundle, load_bundle
+    from synfer_ray.generator.sampler import GuidedSampler, SampleRequest, SamplerSettings
+    manifest = export_bundle(tiny_bundle_path, tmp_path / "fp16", card="# tiny\n")
+    size = lambda root: sum(f.stat().st_size for f in root.rglob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "fp16") < 0.6 * size(tiny_bundle_path)
+    assert (tmp_path / "fp16" / "README.md").read_text() == "# tiny\n"
+    half, full = load_bundle(tmp_path / "fp16"), load_bundle(tiny_bundle_path)  # the hash verifies
+    assert half.content_hash == manifest.content_hash != full.content_hash
+    assert half.unet.dtype == torch.float32 and half.sg_classifier.model.dtype == torch.float32
+    request = [SampleRequest(seed=3, prompt="a happy smile", aus=[0.5] * 12)]
+    settings = SamplerSettings(steps=4)
+    a = GuidedSampler(half).generate(request, settings).astype(int)
+    b = GuidedSampler(full).generate(request, settings).astype(int)
+    assert np.abs(a - b).max() <= 8  # fp16 rounding of the weights only

@@ -21,7 +21,7 @@ import yaml
 from synfer_ray.bundle import make_tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 
 def _netns():
