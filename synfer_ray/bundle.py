@@ -152,12 +152,12 @@ def load_bundle(path: str | Path, verify: bool = True, sg_classifier: str | Path
         raise SynferError("bundle", str(path), "files matching the content hash in "
                           f"{MANIFEST_NAME}: some file changed or is corrupt; rebuild or re-copy the bundle")
     source = manifest.base_model or str(path)
-    unet = _load_component(UNet2DConditionModel, source, "unet", use_safetensors=True)
-    vae = _load_component(AutoencoderKL, source, "vae", use_safetensors=True)
-    text_encoder = _load_component(CLIPTextModel, source, "text_encoder", use_safetensors=True)
+    unet = _load_component(UNet2DConditionModel, source, "unet", use_safetensors=True, torch_dtype=dtype)
+    vae = _load_component(AutoencoderKL, source, "vae", use_safetensors=True, torch_dtype=dtype)
+    text_encoder = _load_component(CLIPTextModel, source, "text_encoder", use_safetensors=True, dtype=dtype)
     tokenizer = _load_component(CLIPTokenizer, source, "tokenizer")
     scheduler = _load_component(DDIMScheduler, source, "scheduler")
-    adapter = _load_component(AUAdapter, str(path), "au_adapter", use_safetensors=True)
+    adapter = _load_component(AUAdapter, str(path), "au_adapter", use_safetensors=True, torch_dtype=dtype)
     if tuple(adapter.config.au_names) != manifest.au_names:
         raise SynferError("bundle/au_adapter/config.json.au_names", adapter.config.au_names,
                           f"the AU names of {MANIFEST_NAME}: {list(manifest.au_names)}")
@@ -169,7 +169,9 @@ def load_bundle(path: str | Path, verify: bool = True, sg_classifier: str | Path
     for module in (unet, vae, text_encoder, adapter, classifier):
         if module is not None:
             # Shipped bundles may hold fp16 weights; compute in ``dtype`` (fp32 on CPU).
-            module.to(dtype).eval().requires_grad_(False)
+            if next(module.parameters()).dtype != dtype:
+                module.to(dtype)
+            module.eval().requires_grad_(False)
     return Bundle(path, manifest, unet, vae, text_encoder, tokenizer, scheduler, adapter, classifier)
 
 

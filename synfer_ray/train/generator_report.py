@@ -51,11 +51,8 @@ def originals_from(faces: dict[str, Sequence], classes: Sequence[str], size: int
     return decoded["pixels"][decoded["valid"]]
 
 
-def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, originals: np.ndarray,
-                   classes: Sequence[str] | None = None) -> dict[str, Any]:
+def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, originals: np.ndarray) -> dict[str, Any]:
     """Write ``contact_sheet.png``, ``reconstructions.png`` and ``quality.json`` under ``out``."""
-    if hasattr(originals, "take_batch"):  # TEMPORARY: the caller of the running faces-48 job passes a dataset
-        originals = originals_from(originals.take_batch(16, batch_format="numpy"), classes, 48)
     from synfer_ray.bundle import load_bundle
     from synfer_ray.classifiers import load_classifier, predict_probabilities
     from synfer_ray.generator.sampler import SamplerSettings
