@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _netns():
     spec = importlib.util.spec_from_file_location("netns_cluster", ROOT / "cluster" / "local" / "netns_cluster.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 

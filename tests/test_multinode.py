@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 def _netns():
     spec = importlib.util.spec_from_file_location("netns_cluster", ROOT / "cluster" / "local" / "netns_cluster.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 
