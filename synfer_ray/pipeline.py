@@ -138,7 +138,9 @@ def ensure_ray(config: RayConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=config.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        # With the dashboard (on 127.0.0.1): Train V2's placement-group cleaner asks the State API,
+        # which the dashboard serves, whether a training run's controller is still alive.
+        ray.init(num_cpus=config.num_cpus or max(4, os.cpu_count() or 1))
 
 
 def run_shards(job: GenerateJob, shards: list[int]) -> Iterator[dict]:
