@@ -66,13 +66,14 @@ def submit(cluster, entrypoint: list[str]) -> str:
 
 
 def job_status(cluster, job_id: str) -> str:
-    result = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "status", "--address",
-                             cluster.dashboard_url, job_id], env=cluster.client_env(), capture_output=True, text=True,
-                            timeout=60)
-    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if status in result.stdout:
-            return status
-    return "UNKNOWN"
+    """The job's status through the Jobs SDK (the CLI's wording differs per state), in a
+    subprocess so that the token client's environment stays out of this test process."""
+    script = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
+              "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)")
+    result = subprocess.run([sys.executable, "-c", script, cluster.dashboard_url, job_id], env=cluster.client_env(),
+                            capture_output=True, text=True, timeout=60)
+    lines = result.stdout.split()
+    return lines[-1] if result.returncode == 0 and lines else "UNKNOWN"
 
 
 def stop_job(cluster, job_id: str) -> None:
@@ -92,11 +93,21 @@ def wait_for_job(cluster, job_id: str, timeout: float = 600) -> str:
     return f"still running after {timeout} s (stopped)"
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
+def job_logs(cluster, job_id: str) -> str:
+    result = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "logs", "--address",
+                             cluster.dashboard_url, job_id], env=cluster.client_env(), capture_output=True, text=True,
+                            timeout=60)
+    return result.stdout[-3000:]
+
+
+def wait_until(predicate, timeout: float, what: str, cluster=None, job_id: str | None = None) -> None:
+    """Until ``predicate()`` holds; fails at once, with the job's log, if ``job_id`` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
+        if job_id and job_status(cluster, job_id) in ("FAILED", "STOPPED"):
+            pytest.fail(f"the job ended before {what}:\n{job_logs(cluster, job_id)}")
         time.sleep(0.5)
     pytest.fail(f"{what} did not happen within {timeout} s")
 
@@ -113,7 +124,8 @@ def test_generation_survives_losing_a_worker_node(cluster):
               "tracking": {"enabled": False}}
     (shared / "generate.yaml").write_text(yaml.safe_dump(config))
     job = submit(cluster, ["python", "jobs/generate.py", "--config", str(shared / "generate.yaml")])
-    wait_until(lambda: len(list((output / "data").glob("*.parquet"))) >= 2, 300, "two committed shards")
+    wait_until(lambda: len(list((output / "data").glob("*.parquet"))) >= 2, 300, "two committed shards",
+               cluster, job)
     killed = cluster.kill_node(cluster.nodes[2])  # one of the two generator actors lived there
     assert killed > 0
     time.sleep(5)
@@ -144,7 +156,8 @@ def test_training_resumes_on_shared_storage_after_losing_a_node(cluster, separab
         "tracking": {"enabled": False}, "register_as": None}
     (shared / "train.yaml").write_text(yaml.safe_dump(config))
     job = submit(cluster, ["python", "jobs/train.py", "--config", str(shared / "train.yaml")])
-    wait_until(lambda: any((output / "ray" / "multinode").glob("checkpoint_*")), 400, "a first checkpoint")
+    wait_until(lambda: any((output / "ray" / "multinode").glob("checkpoint_*")), 400, "a first checkpoint",
+               cluster, job)
     time.sleep(4)  # past Ray Train's health poll, so the checkpoint is registered
     cluster.kill_node(cluster.nodes[2])
     time.sleep(5)

@@ -98,6 +98,12 @@ class LocalCluster:
     def run_in(self, node: Node, command: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         env = self.client_env()
         env.pop("RAY_ADDRESS")
+        # Each node runs the Python environment that holds `ray` (an image with the package
+        # installed, on a real cluster): job entrypoints such as `python jobs/x.py` must find it.
+        env["PATH"] = f"{Path(self.ray_bin).parent}{os.pathsep}{env.get('PATH', '')}"
+        # Every namespace shares the machine's hostname, which resolves to loopback: gloo (CPU
+        # torch.distributed) would advertise 127.0.0.1 to the other nodes. Name its interface.
+        env["GLOO_SOCKET_IFNAME"] = "eth0"
         return subprocess.run(["ip", "netns", "exec", node.namespace, *command], env=env, check=check,
                               capture_output=True, text=True, **kwargs)
 
