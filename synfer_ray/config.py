@@ -495,6 +495,9 @@ class StudyDownstreamConfig(_Strict):
     real_rows: int = Field(2000, ge=7)  # N: the real subset; synthetic sets are multiples of it
     multiples: list[int] = [1, 2]
     condition: Literal["text", "text_au", "text_au_sg", "text_au_sg_labeler"] = "text_au_sg_labeler"
+    # "accepted": only rows the labeler accepted (fewer than asked where acceptance is low);
+    # "all": every generated row with its rectified label, so the sizes are as asked.
+    synthetic_rows: Literal["accepted", "all"] = "accepted"
     train: StudyStage  # the small classifier's TrainConfig (data and output are set by the study)
     seeds: list[int] = [0]
 

@@ -240,9 +240,10 @@ def downstream_configs(study: StudyConfig, synthetic: str, seed: int) -> dict[st
     n = study.downstream.real_rows
     real = {"path": study.real_train, "limit": n}
     sets = {"real only": [real]}
+    accepted_only = study.downstream.synthetic_rows == "accepted"
     for multiple in study.downstream.multiples:
-        sets[f"synthetic only {multiple}x"] = [{"path": synthetic, "limit": multiple * n}]
-    sets["real + synthetic 1x"] = [real, {"path": synthetic, "limit": n}]
+        sets[f"synthetic only {multiple}x"] = [{"path": synthetic, "limit": multiple * n, "accepted_only": accepted_only}]
+    sets["real + synthetic 1x"] = [real, {"path": synthetic, "limit": n, "accepted_only": accepted_only}]
     configs = {}
     for name, train in sets.items():
         raw = base.model_dump(mode="json")
@@ -365,6 +366,10 @@ def _cell(values: Sequence[float]) -> str:
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
+SYNTHETIC_ROWS = {"accepted": "only those the labeler accepted, so fewer than asked where acceptance is low",
+                  "all": "every generated row with its rectified label"}
+
+
 def write_report(study: StudyConfig, results: dict, classes: Sequence[str], directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     guide, evaluator = results["classifiers"]["guide"], results["classifiers"]["evaluator"]
@@ -400,11 +405,12 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
             shutil.copy(source, directory / f"contact_{condition}.png")
     lines += ["", "## Downstream: a classifier trained on each set, tested on real faces (%)", "",
               f"Real subset N = {study.downstream.real_rows}; synthetic = condition "
-              f"{CONDITION_TITLES[study.downstream.condition]} (accepted rows); seeds {study.downstream.seeds}; "
-              f"chance = {100 / len(classes):.1f}.", "",
-              "| training data | accuracy | UAR | macro-F1 |", "|---|---|---|---|"]
+              f"{CONDITION_TITLES[study.downstream.condition]} ({study.downstream.synthetic_rows} rows: "
+              f"{SYNTHETIC_ROWS[study.downstream.synthetic_rows]}); seeds {study.downstream.seeds}; "
+              f"chance = {100 / len(classes):.1f}. Training rows are after the validation split.", "",
+              "| training data | training rows | accuracy | UAR | macro-F1 |", "|---|---|---|---|---|"]
     for name, runs in results["downstream"].items():
-        lines.append(f"| {name} | {_cell([r['test']['accuracy'] for r in runs])} | "
+        lines.append(f"| {name} | {runs[0]['train_rows']} | {_cell([r['test']['accuracy'] for r in runs])} | "
                      f"{_cell([r['test']['uar'] for r in runs])} | {_cell([r['test']['macro_f1'] for r in runs])} |")
         confusion = Path(runs[0]["eval"]) / "confusion_matrix.png"
         if confusion.is_file():

@@ -48,6 +48,22 @@ def test_stage_cache_reuses_an_identical_stage_only(tmp_path):
     assert cache.run("k", {"a": 2}, make)["value"] == 2 and len(calls) == 2
 
 
+def test_downstream_synthetic_rows_choose_accepted_or_all(tmp_path):
+    from synfer_ray.study import downstream_configs
+    train = tmp_path / "train.yaml"
+    train.write_text(yaml.safe_dump({"output": "unused", "data": {"train": [{"path": "x"}]}}))
+    raw = {"output": str(tmp_path), "real_train": "real.parquet", "real_test": "test.parquet",
+           "guide": {"model": "g"}, "evaluator": {"model": "e"}, "generator": {"model": "b"},
+           "downstream": {"real_rows": 100, "multiples": [1, 3], "train": {"config": str(train)}}}
+    for rows, accepted_only in (("accepted", True), ("all", False)):
+        raw["downstream"]["synthetic_rows"] = rows
+        configs = downstream_configs(build_config(StudyConfig, raw), "synthetic", seed=0)
+        assert [s.limit for s in configs["synthetic only 3x"].data.train] == [300]
+        mixed = configs["real + synthetic 1x"].data.train
+        assert [(s.path, s.limit, s.accepted_only) for s in mixed] == [("real.parquet", 100, True),
+                                                                     ("synthetic", 100, accepted_only)]
+
+
 def classifier_yaml(path, faces, arch, seed, part, epochs=1, **model):
     path.write_text(yaml.safe_dump({
         "output": "unused", "data": {"train": [{"path": str(faces["train"]), "part": part}], "val_fraction": 0.2},
