@@ -218,8 +218,14 @@ def run_serve(config: ServeConfig, blocking: bool = True) -> str:
     serve.run(build_app(config), name="synfer", route_prefix=config.route_prefix, blocking=False)
     url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
     if blocking:
+        import signal
         import time
-        print(f"serving {config.bundle} at {url}/ (API docs at {url}/docs); Ctrl-C to stop", flush=True)
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+        # `kill PID` stops it as Ctrl-C does (Ray's own SIGTERM handler aborts with a core dump).
+        signal.signal(signal.SIGTERM, stop)
+        print(f"serving {config.bundle} at {url}/ (API docs at {url}/docs); Ctrl-C or kill to stop", flush=True)
         try:
             while True:
                 time.sleep(3600)
