@@ -13,7 +13,6 @@ working-dir upload all count. Needs root and iproute2.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -26,11 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _netns():
-    spec = importlib.util.spec_from_file_location("netns_cluster", ROOT / "cluster" / "local" / "netns_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    # A script, not a package module: import it from its folder.
+    sys.path.insert(0, str(ROOT / "cluster" / "local"))
+    import netns_cluster
+    return netns_cluster
 
 
 def link_bytes(cluster) -> int:

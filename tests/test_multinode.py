@@ -4,7 +4,6 @@ while it generates, trains and serves. Skips, saying what is missing, without ro
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import subprocess
@@ -18,17 +17,17 @@ import pytest
 import yaml
 
 from synfer_ray.bundle import make_tiny_bundle
+from synfer_ray.train.fer import STATE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 
 def _netns():
-    spec = importlib.util.spec_from_file_location("netns_cluster", ROOT / "cluster" / "local" / "netns_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    # A script, not a package module: import it from its folder.
+    sys.path.insert(0, str(ROOT / "cluster" / "local"))
+    import netns_cluster
+    return netns_cluster
 
 
 netns = _netns()
@@ -164,7 +163,7 @@ def test_training_resumes_on_shared_storage_after_losing_a_node(cluster, separab
     time.sleep(5)
     # The histories the checkpoints on shared storage hold (each epoch's loss and seconds).
     saved = [json.loads(state.read_text())["history"]
-             for state in (output / "ray" / "multinode").glob("checkpoint_*/synfer_state.json")]
+             for state in (output / "ray" / "multinode").glob(f"checkpoint_*/{STATE_NAME}")]
     replace_node(cluster, 2)  # the group needs two accelerators again: a replacement node joins
     assert wait_for_job(cluster, job) == "SUCCEEDED"
     summary = json.loads((output / "summary.json").read_text())
