@@ -45,6 +45,7 @@ def test_loss_falls_and_test_accuracy_is_well_above_chance(trained):
     losses = [row["train_loss"] for row in summary["history"]]
     assert losses[-1] < losses[0]
     assert summary["test"]["accuracy"] > 0.5  # chance is 1/7
+    assert all(0 <= row["data_wait_seconds"] < row["train_seconds"] for row in summary["history"])
     assert (output / "model" / "model.safetensors").is_file()
     assert (output / "eval" / "confusion_matrix.png").stat().st_size > 1000
 
