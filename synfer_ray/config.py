@@ -230,6 +230,15 @@ class SourceConfig(_Strict):
     # an evaluator); duplicated images always land in the same part.
     part: str | None = Field(None, pattern=r"^[1-9][0-9]*/[1-9][0-9]*$")
     accepted_only: bool = True  # synfer datasets: train on accepted rows only
+    # Mixing: rows drawn from this source per row of data.train[0] (after that source's filters
+    # and limit), a seeded random subset; e.g. 0.5 = one synthetic row for every two real ones.
+    ratio: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ratio_or_limit(self):
+        if self.ratio is not None and self.limit is not None:
+            raise ValueError("give a source either limit (rows) or ratio (rows per row of data.train[0]), not both")
+        return self
 
     @field_validator("part")
     @classmethod
@@ -252,6 +261,16 @@ class TrainDataConfig(_Strict):
     validation: SourceConfig | None = None
     val_fraction: float = Field(0.1, gt=0, lt=1)  # used when no validation source is given
     test: SourceConfig | None = None  # real held-out faces, evaluated after training
+
+    @model_validator(mode="after")
+    def _first_source_is_the_base(self):
+        if self.train[0].ratio is not None:
+            raise ValueError("data.train[0] is what the other sources' ratio counts against; give it a limit "
+                             "instead of a ratio, or put the source with the ratio after it")
+        for name in ("validation", "test"):
+            if getattr(self, name) is not None and getattr(self, name).ratio is not None:
+                raise ValueError(f"data.{name}: ratio mixes training sources; use limit here")
+        return self
     labels: Literal["hard", "soft"] = "hard"
     class_balanced_loss: bool = False  # weight the loss by inverse class frequency
     class_balanced_sampling: bool = False  # resample rows so every class is seen equally often

@@ -94,3 +94,24 @@ def test_parts_are_disjoint_cover_everything_and_keep_duplicates_together():
     assert 0.45 < first.mean() < 0.55
     assert len(set(first[-3:])) == 1  # identical images fall in the same part
     assert np.all(in_part(images, None))
+
+
+def test_mixing_ratio_draws_rows_per_row_of_the_first_source_and_names_impossible_ratios(separable_parquet):
+    from synfer_ray.config import TrainConfig, build_config
+    from synfer_ray.train.fer import prepare_data
+
+    def config(*sources):
+        return build_config(TrainConfig, {"output": "unused", "data": {"train": list(sources)}})
+
+    real = {"path": str(separable_parquet["train"]), "limit": 100}
+    prepared = prepare_data(config(real, {"path": str(separable_parquet["test"]), "ratio": 0.5}),
+                            taxonomy.AFFECTNET_7)
+    assert [settings.limit for settings, _ in prepared.train_sources] == [100, 50]
+    assert prepared.train_rows == int(150 * 0.9)  # before the validation split takes its 10%
+    assert sum(prepared.class_counts.values()) == pytest.approx(150)
+    with pytest.raises(SynferError, match=r"^data\.train\[1\]\.ratio: .*at most 0\.7: this source has 70 rows"):
+        prepare_data(config(real, {"path": str(separable_parquet["test"]), "ratio": 2}), taxonomy.AFFECTNET_7)
+    with pytest.raises(ValueError, match="data.train\\[0\\] is what the other sources' ratio counts against"):
+        config({"path": "a", "ratio": 1})
+    with pytest.raises(ValueError, match="either limit .* or ratio"):
+        config(real, {"path": "b", "ratio": 1, "limit": 5})

@@ -189,7 +189,7 @@ class PreparedData:
     validation: tuple[SourceConfig, FaceSource] | None
     test: tuple[SourceConfig, FaceSource] | None
     train_rows: int
-    class_counts: dict[str, int]
+    class_counts: dict[str, float]  # expected rows per class in the training mix
 
 
 def _rows_after_filters(source: FaceSource, settings: SourceConfig) -> int:
@@ -205,16 +205,34 @@ def _rows_after_filters(source: FaceSource, settings: SourceConfig) -> int:
     return min(rows, settings.limit) if settings.limit else rows
 
 
+def _rows_for_ratio(ratio: float, available: int, base_rows: int, index: int) -> int:
+    wanted = max(1, round(ratio * base_rows))
+    if wanted > available:
+        raise SynferError(f"data.train[{index}].ratio", ratio,
+                          f"at most {available / max(base_rows, 1):.3g}: this source has {available} rows after its "
+                          f"filters and data.train[0] has {base_rows}; lower the ratio or make more rows")
+    return wanted
+
+
 def prepare_data(config: TrainConfig, classes: tuple[str, ...]) -> PreparedData:
     """Resolve and check every source (columns, labels) before any Ray work."""
     data = config.data
-    train_sources, counts, rows = [], {c: 0 for c in classes}, 0
+    train_sources, counts, rows, base_rows = [], {c: 0.0 for c in classes}, 0, 0
     for index, settings in enumerate(data.train):
         field = f"data.train[{index}].path"
         source = resolve_source(settings.path, field)
-        for name, count in check_labels(source, classes, field).items():
-            counts[name] += count
-        rows += _rows_after_filters(source, settings)
+        labels = check_labels(source, classes, field)
+        available = _rows_after_filters(source, settings)
+        if settings.ratio is not None:
+            settings = settings.model_copy(update={"limit": _rows_for_ratio(settings.ratio, available, base_rows,
+                                                                             index),
+                                                   "ratio": None})
+            available = settings.limit
+        if index == 0:
+            base_rows = available
+        rows += available
+        for name, count in labels.items():  # this source's classes, scaled to the rows it gives
+            counts[name] += count * available / max(sum(labels.values()), 1)
         train_sources.append((settings, source))
     extra = {}
     for name in ("validation", "test"):
@@ -276,7 +294,7 @@ def build_datasets(config: TrainConfig, prepared: PreparedData, classes: tuple[s
     return train, validation
 
 
-def _class_weights(counts: dict[str, int], classes: tuple[str, ...]) -> tuple[float, ...]:
+def _class_weights(counts: dict[str, float], classes: tuple[str, ...]) -> tuple[float, ...]:
     present = np.array([max(counts.get(c, 0), 1) for c in classes], dtype=np.float64)
     weights = present.sum() / (len(classes) * present)
     return tuple(float(w) for w in weights)
