@@ -64,11 +64,9 @@ def plain_loop(data: Path, rows: int, epochs: int, arch: str, batch: int, thread
     return rows / np.mean(times[1:])
 
 
-def ray_loop(data: Path, rows: int, epochs: int, global_batch: int) -> tuple[float, float, str]:
-    """The shipped config on ``data`` with this global batch: (images/s, data-wait share, label)."""
-    from synfer_ray.config import TrainConfig, load_config
+def ray_loop(shipped, data: Path, rows: int, epochs: int, global_batch: int) -> tuple[float, float, str]:
+    """The shipped TrainConfig on ``data`` with this global batch: (images/s, data-wait share, label)."""
     from synfer_ray.train.fer import run_train
-    shipped = load_config(TrainConfig, SHIPPED_CONFIG)
     workers = shipped.scaling.num_workers
     config = shipped.model_copy(update={
         "output": str(Path(tempfile.mkdtemp()) / "bench"), "register_as": None,
@@ -111,7 +109,7 @@ def main() -> None:
     lines = []
     for batch in batches:
         before = plain_loop(data, args.rows, args.epochs, shipped.model.arch, batch, threads)
-        distributed, waiting, label = ray_loop(data, args.rows, args.epochs, batch)
+        distributed, waiting, label = ray_loop(shipped, data, args.rows, args.epochs, batch)
         after = plain_loop(data, args.rows, args.epochs, shipped.model.arch, batch, threads)
         plain = (before + after) / 2
         note = " (shipped config)" if batch == shipped_batch else ""

@@ -261,6 +261,11 @@ class TrainDataConfig(_Strict):
     validation: SourceConfig | None = None
     val_fraction: float = Field(0.1, gt=0, lt=1)  # used when no validation source is given
     test: SourceConfig | None = None  # real held-out faces, evaluated after training
+    labels: Literal["hard", "soft"] = "hard"
+    class_balanced_loss: bool = False  # weight the loss by inverse class frequency
+    class_balanced_sampling: bool = False  # resample rows so every class is seen equally often
+    image_size: int = Field(48, ge=8)
+    augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")
     def _first_source_is_the_base(self):
@@ -271,11 +276,6 @@ class TrainDataConfig(_Strict):
             if getattr(self, name) is not None and getattr(self, name).ratio is not None:
                 raise ValueError(f"data.{name}: ratio mixes training sources; use limit here")
         return self
-    labels: Literal["hard", "soft"] = "hard"
-    class_balanced_loss: bool = False  # weight the loss by inverse class frequency
-    class_balanced_sampling: bool = False  # resample rows so every class is seen equally often
-    image_size: int = Field(48, ge=8)
-    augment: AugmentConfig = AugmentConfig()
 
 
 class LabelerModelConfig(_Strict):

@@ -231,8 +231,9 @@ def prepare_data(config: TrainConfig, classes: tuple[str, ...]) -> PreparedData:
         if index == 0:
             base_rows = available
         rows += available
-        for name, count in labels.items():  # this source's classes, scaled to the rows it gives
-            counts[name] += count * available / max(sum(labels.values()), 1)
+        share = available / max(sum(labels.values()), 1)  # this source's classes, scaled to the rows it gives
+        for name, count in labels.items():
+            counts[name] += count * share
         train_sources.append((settings, source))
     extra = {}
     for name in ("validation", "test"):
