@@ -47,7 +47,13 @@ class AUSamplingConfig(_Strict):
     extra_max: float = Field(0.3, ge=0, le=1)
 
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Scheduler = Literal["ddim", "dpmpp_2m", "unipc", "euler"]
+
+
 class SamplingConfig(_Strict):
+    # diffusers' own scheduler classes; DDIM stays the inversion walk whichever one samples.
+    scheduler: Scheduler = "ddim"
     steps: int = Field(25, ge=1, le=1000)
     cfg_scale: float = Field(3.0, ge=0)
     au_scale: float = Field(1.0, ge=0)
@@ -96,6 +102,9 @@ class GenerateConfig(_Strict):
     sampling: SamplingConfig = SamplingConfig()
     labeling: LabelingConfig = LabelingConfig()
     rows_per_shard: int = Field(256, ge=1)
+    # Weights and activations of the generator and the labelers, cast once at load. auto: fp16 on
+    # CUDA, the CPU default elsewhere (see synfer_ray.precision).
+    precision: Precision = "auto"
     generator: PoolConfig = PoolConfig()
     labeler: PoolConfig = PoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=64)
     ray: RayConfig = RayConfig()
@@ -314,7 +323,8 @@ class OptimConfig(_Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     gradient_accumulation: int = Field(1, ge=1)
     zero_stage: int = Field(2, ge=0, le=3)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 only where the hardware has it
+    # DeepSpeed's mixed precision: bf16 where the hardware has it, fp16 with loss scaling on GPUs.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     early_stopping_patience: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
 
@@ -366,6 +376,7 @@ class ServeConfig(_Strict):
     num_gpus: float = Field(0, ge=0)
     resources: dict[str, float] = {}  # custom Ray resources per replica
     torch_threads: int = Field(2, ge=1)
+    precision: Precision = "auto"  # the replica's weights and activations, as in generate
     max_ongoing_requests: int = Field(32, ge=1)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()
@@ -421,6 +432,8 @@ class StageConfig(_Strict):
     """One optimisation stage (VAE, UNet or adapter), counted in optimiser steps."""
 
     steps: int = Field(..., ge=0)
+    # Mixed precision (torch.autocast; fp16 adds a gradient scaler); weights and optimiser stay fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_size: int = Field(64, ge=1)  # per worker
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
@@ -431,6 +444,17 @@ class StageConfig(_Strict):
 class VAEStageConfig(StageConfig):
     steps: int = Field(800, ge=0)
     kl_weight: float = Field(1e-6, ge=0)
+    # With from_bundle the bundle's VAE and its scaling factor are kept as they are (an SD VAE must
+    # not relearn 48x48 faces); true fine-tunes it for ``steps`` steps and measures the scale anew.
+    finetune: bool = False
+
+
+class LoRAConfig(_Strict):
+    """Low-rank adapters on the UNet's attention projections (peft), merged into the UNet at the end."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class DenoiserStageConfig(StageConfig):
@@ -441,6 +465,8 @@ class DenoiserStageConfig(StageConfig):
     train_text_encoder: bool = True
     train_adapter: bool = True
     au_jitter: float = Field(0.1, ge=0, le=1)  # prototype AUs for rows without AUs
+    unet_mode: Literal["full", "lora"] = "full"  # lora: train low-rank adapters (``lora``), not every weight
+    lora: LoRAConfig = LoRAConfig()
 
 
 class QualityConfig(_Strict):
