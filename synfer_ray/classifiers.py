@@ -50,15 +50,22 @@ class FERClassifier(nn.Module):
         self.model.save_pretrained(str(path), safe_serialization=True)
 
 
+def _pixels(model: nn.Module, images) -> torch.Tensor:
+    """(rows, H, W, 3) uint8 numpy -> (rows, 3, H, W) in [0, 1] on the model's device and dtype."""
+    weight = next(model.parameters())
+    pixels = torch.from_numpy(images).to(weight.device).permute(0, 3, 1, 2)
+    return (pixels.float() / 255).to(weight.dtype)
+
+
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, images, batch_size: int = 256):
-    """(rows, H, W, 3) uint8 numpy images -> (rows, classes) softmax probabilities (numpy)."""
+    """(rows, H, W, 3) uint8 numpy images -> (rows, classes) softmax probabilities (numpy, fp32)."""
     import numpy as np
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        pixels = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
-        out.append(torch.softmax(model(pixels), dim=1).cpu().numpy())
+        logits = model(_pixels(model, images[start:start + batch_size]))
+        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -70,7 +77,7 @@ def embed_images(model: nn.Module, images, batch_size: int = 256):
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        pixels = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
+        pixels = _pixels(model, images[start:start + batch_size])
         if isinstance(model, FERClassifier):
             if pixels.shape[-1] != model.image_size:
                 pixels = F.interpolate(pixels, size=(model.image_size,) * 2, mode="bilinear", align_corners=False,

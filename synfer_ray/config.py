@@ -377,6 +377,7 @@ class ServeConfig(_Strict):
     resources: dict[str, float] = {}  # custom Ray resources per replica
     torch_threads: int = Field(2, ge=1)
     precision: Precision = "auto"  # the replica's weights and activations, as in generate
+    scheduler: Scheduler = "ddim"  # a request's default sampler
     max_ongoing_requests: int = Field(32, ge=1)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()
@@ -475,6 +476,7 @@ class QualityConfig(_Strict):
     evaluator: str | None = None  # a FER classifier trained on real faces (`synfer train`), not the guide
     samples_per_class: int = Field(32, ge=1)
     sampling: SamplingConfig = SamplingConfig(steps=25, cfg_scale=3.0)
+    precision: Precision = "auto"  # the sampling bundle's; the evaluator always scores in fp32
     seed: int = Field(10_000, ge=0)
 
 
@@ -532,6 +534,7 @@ class StudyGenerationConfig(_Strict):
     conditions: list[Literal["text", "text_au", "text_au_sg", "text_au_sg_labeler"]] = [
         "text", "text_au", "text_au_sg", "text_au_sg_labeler"]
     rows_per_shard: int = Field(256, ge=1)
+    precision: Precision = "auto"
     generator: PoolConfig = PoolConfig(min_actors=2, max_actors=2, batch_size=16)
     labeler: PoolConfig = PoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=64)
 

@@ -27,11 +27,13 @@ from synfer_ray.data.shards import CARD_NAME, CONFIG_NAME, ShardPlan, ShardStore
 from synfer_ray.errors import SynferError
 from synfer_ray.generator.sampler import SamplerSettings
 from synfer_ray.pipeline import GenerateJob, ensure_ray, run_shards
+from synfer_ray.precision import resolve
 from synfer_ray.tracking import start_run
 
 # Settings that change the bytes of a row; anything else (pool sizes, Ray address, tracking)
 # may change between a run and its resumption.
-_IDENTITY_KEYS = ("count", "seed", "class_mix", "class_assignment", "aus", "sampling", "labeling", "rows_per_shard")
+_IDENTITY_KEYS = ("count", "seed", "class_mix", "class_assignment", "aus", "sampling", "labeling", "rows_per_shard",
+                  "precision")
 
 
 def _check_classifier_dir(path: str, field: str) -> None:
@@ -54,8 +56,10 @@ def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJo
                                                    "synfer_bundle.json's content hash; rebuild or re-copy it")
     weights = taxonomy.class_mix_weights(manifest.classes, config.class_mix)
     sampling = config.sampling
-    settings = SamplerSettings(steps=sampling.steps, cfg_scale=sampling.cfg_scale, au_scale=sampling.au_scale,
-                               sg_scale=sampling.sg_scale, sg_window=sampling.sg_window)
+    settings = SamplerSettings.from_config(sampling)
+    for pool in (config.generator, config.labeler):  # fp16 on a CPU pool is refused now, not in an actor
+        if pool.num_gpus == 0:
+            resolve(config.precision, "cpu", field="precision")
     if sampling.sg_classifier:
         _check_classifier_dir(sampling.sg_classifier, "sampling.sg_classifier")
     elif sampling.sg_scale > 0 and not (bundle_path / "sg_classifier").is_dir():
@@ -88,7 +92,7 @@ def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJo
     todo = sorted(set(range(plan.num_shards)) - store.committed(plan))
     job = GenerateJob(bundle=str(bundle_path.resolve()), output=config.output, spec=spec, plan=plan,
                       settings=settings, sg_classifier=sampling.sg_classifier, labeling=config.labeling,
-                      generator=config.generator, labeler=config.labeler)
+                      generator=config.generator, labeler=config.labeler, precision=config.precision)
     return job, store, todo
 
 

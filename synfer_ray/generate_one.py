@@ -11,7 +11,9 @@ import numpy as np
 from synfer_ray import taxonomy
 from synfer_ray.bundle import Bundle, load_bundle
 from synfer_ray.generator.sampler import GuidedSampler, SampleRequest, SamplerSettings
+from synfer_ray.errors import SynferError
 from synfer_ray.images import png_bytes, read_rgb
+from synfer_ray.precision import name_of
 
 
 def expression_requests(bundle: Bundle, expression: str, aus: Mapping[str, float] | None, prompt: str | None,
@@ -33,11 +35,20 @@ def generate_pngs(bundle_path: Path, expression: str, out: Path, *, aus: Mapping
                   prompt: str | None = None, seed: int = 0, n: int = 4, steps: int = 25,
                   cfg_scale: float = 3.0, au_scale: float = 1.0, sg_scale: float = 0.0,
                   sg_window: float = 0.4, sg_classifier: Path | None = None,
-                  reference: Path | None = None) -> list[Path]:
+                  reference: Path | None = None, scheduler: str = "ddim", precision: str = "auto",
+                  device: str = "cpu") -> list[Path]:
     """Write ``n`` PNGs (seeds ``seed`` .. ``seed + n - 1``) and one ``<name>.json`` beside each."""
+    import torch
+
+    from synfer_ray.precision import resolve
     settings = SamplerSettings(steps=steps, cfg_scale=cfg_scale, au_scale=au_scale, sg_scale=sg_scale,
-                               sg_window=sg_window)
-    bundle = load_bundle(bundle_path, sg_classifier=sg_classifier)
+                               sg_window=sg_window, scheduler=scheduler)
+    if device not in ("cpu", "cuda"):
+        raise SynferError("--device", device, "cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SynferError("--device", device, "cpu on a machine without CUDA")
+    dtype = resolve(precision, device, field="--precision")
+    bundle = load_bundle(bundle_path, sg_classifier=sg_classifier, dtype=dtype).to(device)
     reference_image = read_rgb(reference, bundle.manifest.resolution, "--reference") if reference else None
     target, requests = expression_requests(bundle, expression, aus, prompt, seed, n, reference_image,
                                           aus_field="--au")
@@ -53,6 +64,7 @@ def generate_pngs(bundle_path: Path, expression: str, out: Path, *, aus: Mapping
             "seed": request.seed, "prompt": request.prompt, "target": target,
             "aus": dict(zip(bundle.au_names, map(float, request.aus))),
             "reference": str(reference) if reference else None,
-            "bundle_hash": bundle.content_hash, "settings": settings.__dict__}, indent=2))
+            "bundle_hash": bundle.content_hash, "settings": settings.__dict__,
+            "precision": name_of(dtype)}, indent=2))
         written.append(stem.with_suffix(".png"))
     return written

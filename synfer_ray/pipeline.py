@@ -1,4 +1,4 @@
-"""Ray Data: shard items -> GenerateShard actors -> LabelShard actors -> shard-writer tasks.
+"""Ray Data: shard items -> GenerateShard actors -> LabelShard actors -> WriteShard actors.
 
 A shard is the unit of work, retry and resume: each stage takes whole shards (one item per shard,
 its rows as Arrow IPC bytes), so a retried task redoes exactly one shard and a shard is committed
@@ -35,6 +35,7 @@ class GenerateJob:
     labeling: LabelingConfig
     generator: PoolConfig
     labeler: PoolConfig
+    precision: str = "auto"  # of the generator's and the labelers' weights (synfer_ray.precision)
 
 
 WRITER_ACTORS = 2  # committing is I/O: two keep up with many GPU generators
@@ -55,10 +56,6 @@ def _custom(pool: PoolConfig) -> dict:
     return {"resources": dict(pool.resources)} if pool.resources else {}
 
 
-def _device(pool: PoolConfig) -> str:
-    return "cuda" if pool.num_gpus > 0 else "cpu"
-
-
 class GenerateShard:
     """Actor: loads the bundle once, then turns shard items into tables of images."""
 
@@ -67,10 +64,12 @@ class GenerateShard:
 
         from synfer_ray.bundle import load_bundle
         from synfer_ray.generator.sampler import GuidedSampler
+        from synfer_ray.precision import device_for, resolve
         torch.set_num_threads(job.generator.torch_threads)
         self.job = job
-        device = _device(job.generator)
-        bundle = load_bundle(job.bundle, verify=False, sg_classifier=job.sg_classifier).to(device)
+        device = device_for(job.generator.num_gpus)
+        dtype = resolve(job.precision, device)
+        bundle = load_bundle(job.bundle, verify=False, sg_classifier=job.sg_classifier, dtype=dtype).to(device)
         self.sampler = GuidedSampler(bundle, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,11 +92,13 @@ class LabelShard:
         import torch
 
         from synfer_ray.labeler.ensemble import PseudoLabeler, load_voters
+        from synfer_ray.precision import device_for, resolve
         torch.set_num_threads(job.labeler.torch_threads)
         labeling = job.labeling
-        voters = load_voters(labeling.voters, _device(job.labeler),
-                             bundle_labeler=job.bundle if labeling.bundle_labeler else None,
-                             bundle_labeler_weight=labeling.bundle_labeler_weight)
+        device = device_for(job.labeler.num_gpus)
+        voters = load_voters(labeling.voters, device, bundle_labeler=job.bundle if labeling.bundle_labeler else None,
+                             bundle_labeler_weight=labeling.bundle_labeler_weight,
+                             dtype=resolve(job.precision, device))
         self.labeler = PseudoLabeler(voters, job.spec.classes, job.labeling.tau,
                                      job.labeling.require_target_agreement, job.labeler.batch_size)
         self.keep_rejected = job.labeling.keep_rejected

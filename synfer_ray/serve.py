@@ -43,7 +43,9 @@ class GenerateRequest(BaseModel):
     prompt: str | None = Field(None, max_length=400, description="Caption; default: sampled from each seed.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the first image; image k uses seed + k.")
     n: int = Field(1, ge=1, le=64, description="Number of images (the server's max_images caps it further).")
-    steps: int | None = Field(None, ge=1, le=1000, description="DDIM steps (server default and max_steps apply).")
+    steps: int | None = Field(None, ge=1, le=1000, description="Sampling steps (server default and max_steps apply).")
+    scheduler: Literal["ddim", "dpmpp_2m", "unipc", "euler"] | None = Field(
+        None, description="Sampler; default: the server's (ServeConfig.scheduler).")
     cfg_scale: float = Field(3.0, ge=0, le=30, description="Classifier-free guidance scale; 1 = off.")
     au_scale: float = Field(1.0, ge=0, le=4, description="Weight of the AU attention; 0 = text only.")
     sg_scale: float = Field(0.0, ge=0, le=30, description="Semantic-guidance step size; 0 = off.")
@@ -91,10 +93,13 @@ class SynferGenerator:
         from synfer_ray.labeler.ensemble import PseudoLabeler, Voter, load_voters
         self.config = build_config(ServeConfig, config)
         torch.set_num_threads(self.config.torch_threads)
-        device = "cuda" if self.config.num_gpus > 0 else "cpu"
-        self.bundle = load_bundle(self.config.bundle).to(device)
+        from synfer_ray.precision import device_for, resolve
+        device = device_for(self.config.num_gpus)
+        dtype = resolve(self.config.precision, device)
+        self.bundle = load_bundle(self.config.bundle, dtype=dtype).to(device)
         self.sampler = GuidedSampler(self.bundle, device=device)
-        voters = load_voters(self.config.voters, device, field="voters", bundle_labeler=self.config.bundle)
+        voters = load_voters(self.config.voters, device, field="voters", bundle_labeler=self.config.bundle,
+                             dtype=dtype)
         if not voters and self.bundle.sg_classifier is not None:
             voters = [Voter("sg_classifier", self.bundle.sg_classifier, self.bundle.sg_classifier.classes)]
         self.labeler = PseudoLabeler(voters, self.bundle.classes)
@@ -133,7 +138,8 @@ class SynferGenerator:
             raise _unprocessable("seed", f"seed + n - 1 must be <= {MAX_SEED}")
         try:
             settings = SamplerSettings(steps=steps, cfg_scale=request.cfg_scale, au_scale=request.au_scale,
-                                       sg_scale=request.sg_scale, sg_window=request.sg_window)
+                                       sg_scale=request.sg_scale, sg_window=request.sg_window,
+                                       scheduler=request.scheduler or config.scheduler)
             target, rows = expression_requests(self.bundle, request.expression, request.aus, request.prompt,
                                                request.seed, request.n)
             self.sampler.check(rows, settings)

@@ -163,7 +163,8 @@ def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str]
     raw = {
         "bundle": bundles["labeler" if labeled else "generator"], "output": output, "count": count, "seed": seed,
         "class_assignment": "cycled", "rows_per_shard": study.generation.rows_per_shard,
-        "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale,
+        "precision": study.generation.precision,
+        "sampling": {"scheduler": sampling.scheduler, "steps": sampling.steps, "cfg_scale": sampling.cfg_scale,
                      "au_scale": 0.0 if condition == "text" else sampling.au_scale,
                      "sg_scale": sampling.sg_scale if "_sg" in condition else 0.0,
                      "sg_window": sampling.sg_window, "sg_classifier": guide},

@@ -14,10 +14,23 @@ import torch
 import torch.nn.functional as F
 
 
-def predicted_x0(latents: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
-    """x0_hat = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)."""
+def predicted_x0(latents: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor | float,
+                 prediction: str = "epsilon") -> torch.Tensor:
+    """The clean latent the model output implies at x_t (the UNet's input, VP scale):
+    epsilon: x0 = (x_t - sqrt(1 - abar) * eps) / sqrt(abar); v: x0 = sqrt(abar) * x_t - sqrt(1 - abar) * v."""
     alpha_bar = torch.as_tensor(alpha_bar, dtype=latents.dtype, device=latents.device)
-    return (latents - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    if prediction == "v_prediction":
+        return alpha_bar.sqrt() * latents - (1 - alpha_bar).sqrt() * output
+    return (latents - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
+
+
+def predicted_noise(latents: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor | float,
+                    prediction: str = "epsilon") -> torch.Tensor:
+    """The noise the model output implies at x_t: itself, or sqrt(abar) * v + sqrt(1 - abar) * x_t."""
+    if prediction != "v_prediction":
+        return output
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=latents.dtype, device=latents.device)
+    return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * latents
 
 
 def guidance_steps(num_steps: int, window: float) -> set[int]:
@@ -27,9 +40,11 @@ def guidance_steps(num_steps: int, window: float) -> set[int]:
 
 
 def normalised_descent(embedding: torch.Tensor, gradient: torch.Tensor, step_size: float) -> torch.Tensor:
-    """One step of size ``step_size`` against the gradient, normalised per sample."""
+    """One step of size ``step_size`` against the gradient, normalised per sample; in fp32, since a
+    half-precision gradient's squared norm under- or overflows."""
+    gradient = gradient.float()
     norm = gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (gradient.dim() - 1))
-    return embedding - step_size * gradient / norm
+    return (embedding.float() - step_size * gradient / norm).to(embedding.dtype)
 
 
 def semantic_guidance_step(
@@ -41,16 +56,19 @@ def semantic_guidance_step(
     alpha_bar: torch.Tensor | float,
     targets: torch.Tensor,
     step_size: float,
+    prediction: str = "epsilon",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (updated text embedding, per-sample loss before the update).
 
-    ``eps_of(c)`` is the (guided) noise prediction for text embedding ``c`` at this step and
-    ``decode(x0)`` maps latents to RGB images in [0, 1], as the classifier expects.
+    ``eps_of(c)`` is the (guided) model output for text embedding ``c`` at this step, ``latents``
+    the UNet's input x_t, ``prediction`` what the output is (epsilon or v) and ``decode(x0)`` maps
+    latents to RGB images in [0, 1], as the classifier expects.
     """
     with torch.enable_grad():
         embedding = text_embedding.detach().requires_grad_(True)
-        images = decode(predicted_x0(latents, eps_of(embedding), alpha_bar))
-        loss = F.cross_entropy(classifier(images), targets, reduction="none")
+        x0 = predicted_x0(latents, eps_of(embedding).float(), alpha_bar, prediction)
+        images = decode(x0)
+        loss = F.cross_entropy(classifier(images).float(), targets, reduction="none")
         # Summing keeps each sample's gradient its own: rows in a batch never steer each other.
         (gradient,) = torch.autograd.grad(loss.sum(), embedding)
     return normalised_descent(text_embedding, gradient, step_size).detach(), loss.detach()

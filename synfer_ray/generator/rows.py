@@ -10,6 +10,7 @@ import pyarrow as pa
 from synfer_ray.data.manifest import ManifestRow
 from synfer_ray.generator.sampler import GuidedSampler, SampleRequest, SamplerSettings
 from synfer_ray.images import png_bytes
+from synfer_ray.precision import name_of
 
 
 def generate_rows(sampler: GuidedSampler, rows: Sequence[ManifestRow], settings: SamplerSettings,
@@ -43,5 +44,7 @@ def generate_rows(sampler: GuidedSampler, rows: Sequence[ManifestRow], settings:
         "au_scale": pa.array([settings.au_scale] * n, pa.float32()),
         "sg_scale": pa.array([settings.sg_scale] * n, pa.float32()),
         "sg_window": pa.array([settings.sg_window] * n, pa.float32()),
+        "scheduler": pa.array([settings.scheduler] * n, pa.string()),
+        "precision": pa.array([name_of(sampler.dtype)] * n, pa.string()),
         "bundle_hash": pa.array([bundle.content_hash] * n, pa.string()),
     })

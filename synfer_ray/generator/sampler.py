@@ -1,8 +1,13 @@
-"""GuidedSampler: batched DDIM with classifier-free guidance on text + AUs, and semantic guidance.
+"""GuidedSampler: batched sampling with classifier-free guidance on text + AUs, and semantic guidance.
 
 Each row is fully determined by (bundle, seed, prompt, AUs, target, settings): its starting noise
-comes from its own seeded generator, so a row's image does not depend on which rows share its batch
-beyond float rounding.
+comes from its own seeded CPU generator in fp32 (the same draw on every device), so a row's image
+does not depend on which rows share its batch beyond float rounding.
+
+Precision: the weights take the bundle's dtype (fp32, bf16 or fp16, cast once at load); the UNet,
+VAE, text encoder and guide compute in it. The latents, the scheduler's arithmetic and the text
+embedding that semantic guidance steers stay fp32: each step's model output is cast up before the
+scheduler sees it, which keeps multistep solvers and the normalised SG step numerically safe.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from diffusers import DDIMScheduler
 
 from synfer_ray.bundle import Bundle
 from synfer_ray.errors import SynferError
-from synfer_ray.generator.guidance import guidance_steps, semantic_guidance_step
+from synfer_ray.generator.guidance import guidance_steps, predicted_noise, semantic_guidance_step
 from synfer_ray.generator.inversion import ddim_invert
+from synfer_ray.generator.schedulers import SCHEDULERS, alpha_bar_at, make_scheduler, prediction_type
 
 MAX_STEPS = 1000
 
@@ -31,8 +37,17 @@ class SamplerSettings:
     au_scale: float = 1.0
     sg_scale: float = 0.0
     sg_window: float = 0.4
+    scheduler: str = "ddim"
+
+    @classmethod
+    def from_config(cls, sampling) -> "SamplerSettings":
+        """From a :class:`synfer_ray.config.SamplingConfig` (generate, quality report, study)."""
+        return cls(steps=sampling.steps, cfg_scale=sampling.cfg_scale, au_scale=sampling.au_scale,
+                   sg_scale=sampling.sg_scale, sg_window=sampling.sg_window, scheduler=sampling.scheduler)
 
     def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise SynferError("scheduler", self.scheduler, f"one of {list(SCHEDULERS)}")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
             raise SynferError("steps", self.steps, f"an integer in [1, {MAX_STEPS}]")
         for name in ("cfg_scale", "au_scale", "sg_scale"):
@@ -56,14 +71,14 @@ class SampleRequest:
 
 
 class GuidedSampler:
-    """The SynFER sampler over a loaded :class:`Bundle`; pure PyTorch."""
+    """The SynFER sampler over a loaded :class:`Bundle`; pure PyTorch, on the bundle's device and dtype."""
 
     def __init__(self, bundle: Bundle, sg_classifier: torch.nn.Module | None = None,
-                 sg_classes: Sequence[str] | None = None, device: str | torch.device = "cpu"):
+                 sg_classes: Sequence[str] | None = None, device: str | torch.device | None = None):
         self.bundle = bundle
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else bundle.unet.device
         self.dtype = bundle.unet.dtype
-        self.scheduler = DDIMScheduler.from_config(bundle.scheduler.config)
+        self.prediction = prediction_type(bundle.scheduler)
         self.sg_classifier = sg_classifier if sg_classifier is not None else bundle.sg_classifier
         if sg_classes is None and self.sg_classifier is not None:
             sg_classes = getattr(self.sg_classifier, "classes", bundle.classes)
@@ -102,39 +117,43 @@ class GuidedSampler:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings in fp32 (what semantic guidance steers); cast to the model dtype per call."""
         tokens = self.bundle.tokenizer(list(prompts), padding="max_length", truncation=True,
                                        max_length=self.bundle.tokenizer.model_max_length, return_tensors="pt")
-        return self.bundle.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
+        return self.bundle.text_encoder(tokens.input_ids.to(self.device))[0].float()
 
     def _uncond_text(self, batch: int) -> torch.Tensor:
         if self._empty_prompt is None:
             self._empty_prompt = self.encode_prompts([""])
         return self._empty_prompt.expand(batch, -1, -1)
 
-    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        """Each row's starting latent from its own generator, exactly as diffusers draws it on CPU."""
+    def initial_noise(self, seeds: Sequence[int], scheduler=None) -> torch.Tensor:
+        """Each row's starting latent from its own CPU generator in fp32, exactly as diffusers draws
+        it on CPU, then moved: the same noise on every device and at every precision."""
         config = self.bundle.unet.config
         shape = (1, config.in_channels, config.sample_size, config.sample_size)
-        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=self.dtype)
+        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
                  for s in seeds]
-        return torch.cat(noise).to(self.device) * self.scheduler.init_noise_sigma
+        sigma = (scheduler or self.bundle.scheduler).init_noise_sigma
+        return torch.cat(noise).to(self.device) * sigma
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> RGB images in [0, 1], (batch, 3, H, W)."""
+        """Latents -> RGB images in [0, 1], (batch, 3, H, W), in the model dtype."""
         vae = self.bundle.vae
-        return (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        return (vae.decode((latents / vae.config.scaling_factor).to(self.dtype)).sample / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
-        """(batch, H, W, 3) uint8 -> clean latents (the posterior mean)."""
+        """(batch, H, W, 3) uint8 -> clean latents (the posterior mean), fp32."""
         pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.device, self.dtype)
         vae = self.bundle.vae
-        return vae.encode(pixels / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
+        return vae.encode(pixels / 127.5 - 1).latent_dist.mean.float() * vae.config.scaling_factor
 
     def _eps(self, latents, t, text, aus_tokens, au_scale) -> torch.Tensor:
-        context = torch.cat([text, aus_tokens], dim=1)
-        return self.bundle.unet(latents, t, encoder_hidden_states=context,
-                                cross_attention_kwargs={"au_scale": au_scale}).sample
+        """The UNet's output (noise or velocity, per the bundle's scheduler) in fp32."""
+        context = torch.cat([text.to(self.dtype), aus_tokens.to(self.dtype)], dim=1)
+        return self.bundle.unet(latents.to(self.dtype), t, encoder_hidden_states=context,
+                                cross_attention_kwargs={"au_scale": au_scale}).sample.float()
 
     def _au_tokens(self, aus: np.ndarray) -> torch.Tensor:
         return self.bundle.au_adapter.encode(torch.as_tensor(aus, dtype=self.dtype, device=self.device))
@@ -147,40 +166,49 @@ class GuidedSampler:
         """DDIM inversion of (batch, H, W, 3) uint8 images under their own prompt and AUs (no CFG)."""
         text = self.encode_prompts(prompts)
         au_tokens = self._au_tokens(aus)
-        return ddim_invert(self.encode_images(images), self.scheduler, steps,
-                           lambda x, t: self._eps(x, t, text, au_tokens, au_scale))
+        scheduler = DDIMScheduler.from_config(self.bundle.scheduler.config)
+        alphas = scheduler.alphas_cumprod.to(self.device)
+        return ddim_invert(self.encode_images(images), scheduler, steps,
+                           lambda x, t: predicted_noise(x, self._eps(x, t, text, au_tokens, au_scale),
+                                                        alphas[int(t)], self.prediction))
 
     def sample_latents(self, requests: Sequence[SampleRequest], settings: SamplerSettings,
                        init_latents: torch.Tensor | None = None) -> torch.Tensor:
-        """The final clean latents for ``requests``; ``init_latents`` replaces the seeded noise."""
+        """The final clean latents for ``requests`` (fp32); ``init_latents`` replaces the seeded noise
+        (x_T at the DDIM scale, as :meth:`invert` returns it)."""
         self.check(requests, settings)
+        scheduler = make_scheduler(settings.scheduler, self.bundle.scheduler.config)
+        scheduler.set_timesteps(settings.steps, device=self.device)
         batch = len(requests)
         aus = np.stack([np.asarray(r.aus, dtype=np.float32) for r in requests])
         text = self.encode_prompts([r.prompt for r in requests])
         with torch.no_grad():
             au_cond = self._au_tokens(aus)
             au_uncond = self._au_tokens(np.zeros_like(aus))  # zero AUs = unconditional (METHOD.md)
-        latents = self.initial_noise([r.seed for r in requests]) if init_latents is None else init_latents
+        latents = self.initial_noise([r.seed for r in requests], scheduler) if init_latents is None \
+            else init_latents.float() * scheduler.init_noise_sigma
         references = [i for i, r in enumerate(requests) if r.reference is not None]
         if references and init_latents is None:
             ref_images = np.stack([requests[i].reference for i in references])
-            latents[references] = self.invert(ref_images, [requests[i].prompt for i in references],
-                                              aus[references], settings.steps, settings.au_scale)
+            inverted = self.invert(ref_images, [requests[i].prompt for i in references],
+                                   aus[references], settings.steps, settings.au_scale)
+            latents[references] = inverted * scheduler.init_noise_sigma
         use_cfg = settings.cfg_scale != 1.0
         text_uncond = self._uncond_text(batch)
         sg_at = guidance_steps(settings.steps, settings.sg_window) if settings.sg_scale > 0 else set()
         targets = None
         if sg_at:
             targets = torch.tensor([self.sg_classes.index(r.target) for r in requests], device=self.device)
-        self.scheduler.set_timesteps(settings.steps)
-        for i, t in enumerate(self.scheduler.timesteps):
+        for i, t in enumerate(scheduler.timesteps):
+            # The UNet's input: x_t at the VP scale (Euler keeps x0 + sigma * eps and scales it here).
+            model_input = scheduler.scale_model_input(latents, t)
             with torch.no_grad():
                 if use_cfg:
-                    both = self._eps(torch.cat([latents, latents]), t, torch.cat([text_uncond, text]),
+                    both = self._eps(torch.cat([model_input, model_input]), t, torch.cat([text_uncond, text]),
                                      torch.cat([au_uncond, au_cond]), settings.au_scale)
                     eps_uncond, eps_cond = both.chunk(2)
                 else:
-                    eps_uncond, eps_cond = None, self._eps(latents, t, text, au_cond, settings.au_scale)
+                    eps_uncond, eps_cond = None, self._eps(model_input, t, text, au_cond, settings.au_scale)
 
             def guided(eps_text: torch.Tensor) -> torch.Tensor:
                 if eps_uncond is None:
@@ -189,20 +217,20 @@ class GuidedSampler:
 
             if i in sg_at:
                 text, _ = semantic_guidance_step(
-                    text, lambda c: guided(self._eps(latents, t, c, au_cond, settings.au_scale)),
-                    self.decode, self.sg_classifier, latents, self.scheduler.alphas_cumprod[t],
-                    targets, settings.sg_scale)
+                    text, lambda c: guided(self._eps(model_input, t, c, au_cond, settings.au_scale)),
+                    self.decode, self.sg_classifier, model_input, alpha_bar_at(scheduler, i, t).to(self.device),
+                    targets, settings.sg_scale, self.prediction)
                 with torch.no_grad():
-                    eps_cond = self._eps(latents, t, text, au_cond, settings.au_scale)
+                    eps_cond = self._eps(model_input, t, text, au_cond, settings.au_scale)
             with torch.no_grad():
-                latents = self.scheduler.step(guided(eps_cond), t, latents).prev_sample
+                latents = scheduler.step(guided(eps_cond), t, latents).prev_sample
         return latents
 
     def generate_float(self, requests: Sequence[SampleRequest], settings: SamplerSettings) -> torch.Tensor:
-        """RGB images in [0, 1] as (batch, 3, H, W) floats."""
+        """RGB images in [0, 1] as (batch, 3, H, W) fp32."""
         latents = self.sample_latents(requests, settings)
         with torch.no_grad():
-            return self.decode(latents)
+            return self.decode(latents).float()
 
     def generate(self, requests: Sequence[SampleRequest], settings: SamplerSettings) -> np.ndarray:
         """(batch, H, W, 3) uint8 images."""

@@ -25,17 +25,19 @@ class Voter:
     weight: float = 1.0
 
 
-def load_voters(voters: Sequence[VoterConfig], device: str = "cpu", field: str = "labeling.voters",
-                bundle_labeler: str | None = None, bundle_labeler_weight: float = 1.0) -> list[Voter]:
-    """Load each configured voter once; its name defaults to its directory's name. With
-    ``bundle_labeler`` (a bundle path) that bundle's FERAnno labeler votes first, where it has one."""
+def load_voters(voters: Sequence[VoterConfig], device: str | torch.device = "cpu", field: str = "labeling.voters",
+                bundle_labeler: str | None = None, bundle_labeler_weight: float = 1.0,
+                dtype: torch.dtype = torch.float32) -> list[Voter]:
+    """Load each configured voter once, on ``device`` in ``dtype``; its name defaults to its
+    directory's name. With ``bundle_labeler`` (a bundle path) that bundle's FERAnno labeler votes
+    first, where it has one."""
     from synfer_ray.labeler.feranno import LABELER_DIR
     loaded = []
     if bundle_labeler and (Path(bundle_labeler) / LABELER_DIR).is_dir():
-        model = load_classifier(Path(bundle_labeler) / LABELER_DIR, field="bundle/labeler").to(device)
+        model = load_classifier(Path(bundle_labeler) / LABELER_DIR, field="bundle/labeler").to(device, dtype)
         loaded.append(Voter("feranno", model, model.classes, bundle_labeler_weight))
     for index, voter in enumerate(voters):
-        model = load_classifier(voter.path, field=f"{field}[{index}].path").to(device)
+        model = load_classifier(voter.path, field=f"{field}[{index}].path").to(device, dtype)
         loaded.append(Voter(voter.name or os.path.basename(voter.path.rstrip("/")), model, model.classes,
                             voter.weight))
     return loaded

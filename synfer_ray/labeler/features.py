@@ -114,8 +114,10 @@ class DiffusionFeatures(nn.Module):
         if images.shape[-1] != self.resolution:
             images = F.interpolate(images, size=(self.resolution,) * 2, mode="bilinear", align_corners=False,
                                    antialias=True)
+        images = images.to(self.context.dtype)
         latents = self.vae.encode(images * 2 - 1).latent_dist.mean * self.vae.config.scaling_factor
-        timestep = torch.full((images.shape[0],), self.settings.timestep, dtype=torch.long)
+        # On the latents' device: diffusers moves only 0-d timesteps itself.
+        timestep = torch.full((images.shape[0],), self.settings.timestep, dtype=torch.long, device=latents.device)
         # x_t at a tiny t without noise: the image itself, as the UNet sees it at that step.
         self.unet(latents * self.signal, timestep, encoder_hidden_states=self.context.expand(images.shape[0], -1, -1),
                   cross_attention_kwargs={"au_scale": 0.0})
@@ -128,7 +130,8 @@ class DiffusionFeatures(nn.Module):
 
     def channels(self) -> tuple[int, int]:
         """(feature channels, attention channels), measured on one blank image."""
-        features, attention = self.forward(torch.zeros(1, 3, self.resolution, self.resolution))
+        features, attention = self.forward(torch.zeros(1, 3, self.resolution, self.resolution,
+                                                       device=self.context.device, dtype=self.context.dtype))
         return features.shape[1], attention.shape[1]
 
 

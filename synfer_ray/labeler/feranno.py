@@ -95,8 +95,9 @@ class FERAnnoClassifier(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features, attention = self.extractor(images)
-        return self.head(features, attention)
+        features, attention = self.extractor(images)  # fp32 maps, whatever the UNet computed in
+        dtype = self.head.position.dtype
+        return self.head(features.to(dtype), attention.to(dtype))
 
     def save_pretrained(self, path: str | Path) -> None:
         self.head.save_pretrained(str(path), safe_serialization=True)

@@ -45,7 +45,7 @@ class TrainJob:
     label_smoothing: float
     gradient_accumulation: int
     zero_stage: int
-    bf16: bool
+    precision: str  # fp32, bf16 or fp16: DeepSpeed's mixed precision (GPU workers)
     patience: int | None
     seed: int
     torch_threads: int
@@ -64,7 +64,9 @@ def _deepspeed_config(job: TrainJob) -> dict[str, Any]:
             "gradient_accumulation_steps": job.gradient_accumulation,
             "gradient_clipping": 1.0,
             "zero_optimization": {"stage": job.zero_stage},
-            "bf16": {"enabled": job.bf16},
+            "bf16": {"enabled": job.precision == "bf16"},
+            # Dynamic loss scaling (loss_scale 0), as DeepSpeed recommends for fp16.
+            "fp16": {"enabled": job.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
@@ -120,7 +122,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
-    dtype = torch.bfloat16 if job.bf16 else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SynferError("optim.precision", job.precision, "fp16 or fp32 on this GPU (it has no bf16)")
     for epoch in range(state["epoch"], job.epochs):
         engine.train()
         began = time.perf_counter()
@@ -301,11 +305,13 @@ def _class_weights(counts: dict[str, float], classes: tuple[str, ...]) -> tuple[
     return tuple(float(w) for w in weights)
 
 
-def _bf16_available(config: TrainConfig) -> bool:
-    if config.optim.precision != "bf16":
-        return False
-    import torch
-    return bool(config.scaling.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+def _precision(config: TrainConfig) -> str:
+    """Mixed precision is for GPU workers: refused on CPU workers, before any Ray work."""
+    precision = config.optim.precision
+    if precision != "fp32" and not config.scaling.use_gpu:
+        raise SynferError("optim.precision", precision, "fp32 with CPU workers, or scaling.use_gpu: true "
+                                                        "(DeepSpeed's bf16/fp16 run on GPUs)")
+    return precision
 
 
 def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
@@ -322,6 +328,7 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     if (output / MODEL_DIR).exists() and not overwrite:
         raise SynferError("output", config.output, "a directory without a trained model/ (this one is finished); "
                                                    "use another output or --overwrite")
+    precision = _precision(config)
     prepared = prepare_data(config, classes)
     if overwrite and output.exists():
         shutil.rmtree(output)
@@ -341,7 +348,7 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
                        image_size=config.data.image_size, epochs=optim.epochs, batch_size=optim.batch_size,
                        lr=optim.lr, weight_decay=optim.weight_decay, warmup_fraction=optim.warmup_fraction,
                        label_smoothing=optim.label_smoothing, gradient_accumulation=optim.gradient_accumulation,
-                       zero_stage=optim.zero_stage, bf16=_bf16_available(config),
+                       zero_stage=optim.zero_stage, precision=precision,
                        patience=optim.early_stopping_patience, seed=optim.seed,
                        torch_threads=config.scaling.torch_threads, train_rows=prepared.train_rows,
                        class_weights=_class_weights(prepared.class_counts, classes)

@@ -20,7 +20,7 @@ def sample_per_class(bundle, settings, per_class: int, seed: int, batch_size: in
     from synfer_ray.generator.sampler import GuidedSampler
     from synfer_ray.train.generator import sample_grid_requests
     requests = sample_grid_requests(bundle.classes, bundle.au_names, per_class, seed)
-    sampler = GuidedSampler(bundle)
+    sampler = GuidedSampler(bundle)  # on the bundle's device and dtype
     images = [sampler.generate(requests[start:start + batch_size], settings)
               for start in range(0, len(requests), batch_size)]
     return np.concatenate(images), [r.target for r in requests]
@@ -33,7 +33,7 @@ def reconstructions(bundle, originals: np.ndarray, path: Path, cell: int = 64) -
     sampler = GuidedSampler(bundle)
     with torch.no_grad():
         decoded = sampler.decode(sampler.encode_images(originals))
-    rebuilt = (decoded.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    rebuilt = (decoded.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
     sheet = Image.new("RGB", (len(originals) * cell, 2 * cell), "white")
     for column, (original, copy) in enumerate(zip(originals, rebuilt)):
         for row, image in enumerate((original, copy)):
@@ -53,14 +53,18 @@ def originals_from(faces: dict[str, Sequence], classes: Sequence[str], size: int
 
 def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, originals: np.ndarray) -> dict[str, Any]:
     """Write ``contact_sheet.png``, ``reconstructions.png`` and ``quality.json`` under ``out``."""
+    import torch
+
     from synfer_ray.bundle import load_bundle
     from synfer_ray.classifiers import load_classifier, predict_probabilities
     from synfer_ray.generator.sampler import SamplerSettings
+    from synfer_ray.precision import resolve
     from synfer_ray.train.generator import agreement_by_class
-    bundle = load_bundle(bundle_path, sg_classifier=quality.sampling.sg_classifier)
-    sampling = quality.sampling
-    settings = SamplerSettings(steps=sampling.steps, cfg_scale=sampling.cfg_scale, au_scale=sampling.au_scale,
-                               sg_scale=sampling.sg_scale, sg_window=sampling.sg_window)
+    # The report runs where the job's driver runs: on its GPU when it has one.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve(quality.precision, device, field="quality.precision")
+    bundle = load_bundle(bundle_path, sg_classifier=quality.sampling.sg_classifier, dtype=dtype).to(device)
+    settings = SamplerSettings.from_config(quality.sampling)
     images, targets = sample_per_class(bundle, settings, quality.samples_per_class, quality.seed)
     by_class: dict[str, list[bytes]] = {}
     for image, target in zip(images, targets):
@@ -71,7 +75,7 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
     report: dict[str, Any] = {"settings": settings.__dict__, "samples_per_class": quality.samples_per_class,
                               "reconstruction_mae": error, "evaluator": quality.evaluator}
     if quality.evaluator:
-        evaluator = load_classifier(quality.evaluator, field="quality.evaluator")
+        evaluator = load_classifier(quality.evaluator, field="quality.evaluator").to(device)
         probabilities = predict_probabilities(evaluator, images)
         shares = agreement_by_class(probabilities, targets, evaluator.classes)
         report["evaluator_agreement"] = shares
