@@ -96,18 +96,21 @@ def bundle_quality(
     cfg_scale: float = typer.Option(3.0, help="Classifier-free guidance scale."),
     sg_scale: float = typer.Option(0.0, help="Semantic guidance scale (the bundle's sg_classifier guides)."),
     seed: int = typer.Option(10_000, help="Seed of the first sample."),
+    scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (GPU): the bundle's weights."),
 ) -> None:
     """How often a real-data FER classifier agrees with the asked class, per class; contact sheet."""
     import pyarrow.dataset as pads
 
     from synfer_ray.bundle import BundleManifest
-    from synfer_ray.config import QualityConfig, SamplingConfig
+    from synfer_ray.config import QualityConfig, build_config
     from synfer_ray.train.generator_report import originals_from, quality_report
     try:
         manifest = BundleManifest.read(bundle)
         rows = pads.dataset(str(faces), format="parquet").head(64, columns=["image", "label"]).to_pydict()
-        quality = QualityConfig(evaluator=str(evaluator), samples_per_class=per_class, seed=seed,
-                                sampling=SamplingConfig(steps=steps, cfg_scale=cfg_scale, sg_scale=sg_scale))
+        quality = build_config(QualityConfig, {
+            "evaluator": str(evaluator), "samples_per_class": per_class, "seed": seed, "precision": precision,
+            "sampling": {"steps": steps, "cfg_scale": cfg_scale, "sg_scale": sg_scale, "scheduler": scheduler}})
         report = quality_report(bundle, quality, out, originals_from(rows, manifest.classes, manifest.resolution))
     except SynferError as error:
         _fail(error)
@@ -199,13 +202,17 @@ def generate_one(
     sg_window: float = typer.Option(0.4, help="Fraction of late steps with semantic guidance."),
     sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
     reference: Optional[Path] = typer.Option(None, help="Reference face for layout initialisation."),
+    scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16; fp16 needs --device cuda."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Write PNGs of one expression for a quick look, each with its full provenance."""
     from synfer_ray.generate_one import generate_pngs
     try:
         written = generate_pngs(bundle, expression, out, aus=_parse_aus(au), prompt=prompt, seed=seed, n=n,
                                 steps=steps, cfg_scale=cfg_scale, au_scale=au_scale, sg_scale=sg_scale,
-                                sg_window=sg_window, sg_classifier=sg_classifier, reference=reference)
+                                sg_window=sg_window, sg_classifier=sg_classifier, reference=reference,
+                                scheduler=scheduler, precision=precision, device=device)
     except SynferError as error:
         _fail(error)
     for path in written:
