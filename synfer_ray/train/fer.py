@@ -395,14 +395,22 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         return summary
 
 
-def evaluate_model(model_path: str | Path, data_path: str, batch_size: int = 256) -> dict[str, Any]:
-    """Evaluate a saved classifier on labelled faces (in this process; skipped images counted)."""
+def evaluate_model(model_path: str | Path, data_path: str, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+    """Evaluate a saved classifier on labelled faces (in this process, on ``device``: auto is CUDA where
+    torch sees it; fp32, so figures compare across machines; skipped images counted)."""
     import pyarrow.dataset as pads
+    import torch
 
     from synfer_ray.classifiers import load_classifier, predict_probabilities
     from synfer_ray.data.faces import decode_faces
     from synfer_ray.evaluate import confusion_matrix, metrics_from_confusion
-    model = load_classifier(model_path, field="model")
+    if device not in ("auto", "cpu", "cuda"):
+        raise SynferError("--device", device, "auto, cpu or cuda")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SynferError("--device", device, "cpu or auto on a machine without CUDA")
+    model = load_classifier(model_path, field="model").to(device)
     classes = tuple(model.classes)
     source = resolve_source(data_path, "data")
     check_labels(source, classes, "data")
