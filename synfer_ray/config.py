@@ -94,14 +94,22 @@ class TrackingConfig(_Strict):
 class GenerateConfig(_Strict):
     bundle: str
     output: str
-    count: int = Field(..., ge=1)
+    # Rows of the first pass; with accepted_per_class it defaults to the sum of the targets.
+    count: int | None = Field(None, ge=1)
+    # Accepted-count targets: N accepted rows per class (or {class: N}); top-up passes add rows for
+    # the classes short of it until each has N, or max_rows rows exist, or max_passes passes ran.
+    accepted_per_class: int | dict[str, int] | None = None
+    max_rows: int | None = Field(None, ge=1)  # the budget; default 20x the sum of the targets
+    max_passes: int = Field(8, ge=1)
     seed: int = Field(0, ge=0)
     class_mix: dict[str, float] | None = None
     class_assignment: Literal["sampled", "cycled"] = "sampled"  # cycled: row i is class i mod K
     aus: AUSamplingConfig = AUSamplingConfig()
     sampling: SamplingConfig = SamplingConfig()
     labeling: LabelingConfig = LabelingConfig()
-    rows_per_shard: int = Field(256, ge=1)
+    # Rows per shard (the unit of work, retry and resume); null: about 256 MB of PNGs per file, at most
+    # 10,000 rows, and at least 4 shards per generator actor (data/shards.py auto_rows_per_shard).
+    rows_per_shard: int | None = Field(None, ge=1)
     # Weights and activations of the generator and the labelers, cast once at load. auto: fp16 on
     # CUDA, the CPU default elsewhere (see synfer_ray.precision).
     precision: Precision = "auto"
@@ -114,6 +122,21 @@ class GenerateConfig(_Strict):
     def _cycled_is_uniform(self):
         if self.class_assignment == "cycled" and self.class_mix:
             raise ValueError("class_assignment cycled gives every class the same share; drop class_mix or use sampled")
+        return self
+
+    @model_validator(mode="after")
+    def _count_or_targets(self):
+        if self.count is None and self.accepted_per_class is None:
+            raise ValueError("give count (rows to make) or accepted_per_class (accepted rows per class to reach)")
+        if self.accepted_per_class is None and self.max_rows is not None:
+            raise ValueError("max_rows is the budget of accepted_per_class; set that too, or drop max_rows")
+        targets = self.accepted_per_class
+        if isinstance(targets, dict) and any(n < 0 for n in targets.values()):
+            raise ValueError("accepted_per_class: every target must be >= 0")
+        if isinstance(targets, int) and targets < 1:
+            raise ValueError("accepted_per_class must be >= 1 (or a map of class -> N)")
+        if self.max_rows is not None and self.count is not None and self.max_rows < self.count:
+            raise ValueError(f"max_rows ({self.max_rows}) must be >= count ({self.count}), the first pass")
         return self
 
     @field_validator("class_mix")

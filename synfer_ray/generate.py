@@ -6,6 +6,7 @@ nothing already written is touched unless the user asked for ``--overwrite``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -23,7 +24,10 @@ from synfer_ray import taxonomy
 from synfer_ray.bundle import BundleManifest, content_hash
 from synfer_ray.config import GenerateConfig
 from synfer_ray.data.manifest import ManifestSpec
-from synfer_ray.data.shards import CARD_NAME, CONFIG_NAME, ShardPlan, ShardStore
+from synfer_ray.data.card import EXAMPLES_PER_CLASS, card_figures, total_statistics
+from synfer_ray.data.passes import Pass, plan_top_up, shortfall
+from synfer_ray.data.shards import (CARD_NAME, CONFIG_NAME, INDEX_NAME, PASSES_NAME, ShardPlan, ShardStore,
+                                    auto_rows_per_shard)
 from synfer_ray.errors import SynferError
 from synfer_ray.generator.sampler import SamplerSettings
 from synfer_ray.pipeline import GenerateJob, ensure_ray, run_shards
@@ -33,7 +37,7 @@ from synfer_ray.tracking import start_run
 # Settings that change the bytes of a row; anything else (pool sizes, Ray address, tracking)
 # may change between a run and its resumption.
 _IDENTITY_KEYS = ("count", "seed", "class_mix", "class_assignment", "aus", "sampling", "labeling", "rows_per_shard",
-                  "precision")
+                  "precision", "accepted_per_class", "max_rows", "max_passes")
 
 
 def _check_classifier_dir(path: str, field: str) -> None:
@@ -47,14 +51,58 @@ def identity(config: GenerateConfig, bundle_hash: str) -> dict[str, Any]:
             **{key: dumped[key] for key in _IDENTITY_KEYS}}
 
 
-def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJob, ShardStore, list[int]]:
-    """Validate every input and claim the output directory; return the job and the shards to make."""
+def accepted_targets(config: GenerateConfig, classes: tuple[str, ...]) -> dict[str, int] | None:
+    """{class: accepted rows wanted}, in the bundle's class order, or None without targets."""
+    targets = config.accepted_per_class
+    if targets is None:
+        return None
+    if isinstance(targets, int):
+        return {c: targets for c in classes}
+    unknown = sorted(set(targets) - set(classes))
+    if unknown:
+        raise SynferError("accepted_per_class", targets, f"classes of the bundle {list(classes)}; unknown {unknown}")
+    return {c: targets[c] for c in classes if c in targets}
+
+
+def row_budget(config: GenerateConfig, wanted: dict[str, int] | None, first: int) -> int:
+    if wanted is None:
+        return first
+    return config.max_rows or max(first, 20 * sum(wanted.values()))
+
+
+def shard_size(config: GenerateConfig, resolution: int):
+    """rows -> rows per shard for a pass of that many rows (fixed when the pass is planned)."""
+    return lambda rows: config.rows_per_shard or auto_rows_per_shard(rows, resolution, config.generator.max_actors)
+
+
+def pass_plan(step: Pass) -> ShardPlan:
+    return ShardPlan(step.count, step.rows_per_shard, step.start, step.index)
+
+
+def pass_job(job: GenerateJob, step: Pass) -> GenerateJob:
+    """The job of one pass: its shard plan and, for a top-up pass, its class quotas."""
+    return dataclasses.replace(job, plan=pass_plan(step),
+                               spec=dataclasses.replace(job.spec, quotas=step.quotas, quota_start=step.start))
+
+
+def read_passes(store: ShardStore) -> list[Pass]:
+    return [Pass.from_json(raw) for raw in store.read_json(PASSES_NAME)["passes"]] if store.exists(PASSES_NAME) else []
+
+
+def write_passes(store: ShardStore, passes: list[Pass]) -> None:
+    store.write_json(PASSES_NAME, {"passes": [p.as_json() for p in passes]})
+
+
+def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJob, ShardStore, list[Pass]]:
+    """Validate every input and claim the output directory; return the first pass's job, the store
+    and the passes recorded so far (the first pass on a fresh run)."""
     bundle_path = Path(config.bundle)
     manifest = BundleManifest.read(bundle_path)
     if content_hash(bundle_path, manifest.base_model) != manifest.content_hash:
         raise SynferError("bundle", config.bundle, "an intact bundle: its files no longer match "
                                                    "synfer_bundle.json's content hash; rebuild or re-copy it")
     weights = taxonomy.class_mix_weights(manifest.classes, config.class_mix)
+    wanted = accepted_targets(config, manifest.classes)
     sampling = config.sampling
     settings = SamplerSettings.from_config(sampling)
     for pool in (config.generator, config.labeler):  # fp16 on a CPU pool is refused now, not in an actor
@@ -71,29 +119,34 @@ def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJo
                         au_names=manifest.au_names, au_jitter=config.aus.jitter,
                         extra_au_probability=config.aus.extra_probability, extra_au_max=config.aus.extra_max,
                         class_assignment=config.class_assignment)
-    plan = ShardPlan(config.count, config.rows_per_shard)
+    first_count = config.count or sum(wanted.values())
+    first = Pass(index=0, start=0, count=first_count, rows_per_shard=shard_size(config, manifest.resolution)(first_count))
     store = ShardStore(config.output)
     store.check_writable()
-    wanted = identity(config, manifest.content_hash)
+    identity_now = identity(config, manifest.content_hash)
+    job = GenerateJob(bundle=str(bundle_path.resolve()), output=config.output, spec=spec, plan=pass_plan(first),
+                      settings=settings, sg_classifier=sampling.sg_classifier, labeling=config.labeling,
+                      generator=config.generator, labeler=config.labeler, precision=config.precision)
     if store.exists(CONFIG_NAME):
         existing = store.read_json(CONFIG_NAME).get("identity", {})
-        if existing != wanted:
+        if existing != identity_now:
             if not overwrite:
-                differs = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
+                differs = sorted(k for k in set(existing) | set(identity_now)
+                                 if existing.get(k) != identity_now.get(k))
                 raise SynferError("output", config.output,
                                   f"an empty directory or one made by this same config; it was made with "
                                   f"different {', '.join(differs)}. Use another output, or pass --overwrite "
                                   f"to delete it and start again")
             store.clear()
-    elif store.exists("data") and store.committed(plan) and not overwrite:
+    elif store.exists("data") and store.data_files() and not overwrite:
         raise SynferError("output", config.output, f"a directory without foreign shards (data/ exists but no "
                                                    f"{CONFIG_NAME}); use another output or --overwrite")
-    store.write_json(CONFIG_NAME, {"identity": wanted, "config": config.model_dump(mode="json")})
-    todo = sorted(set(range(plan.num_shards)) - store.committed(plan))
-    job = GenerateJob(bundle=str(bundle_path.resolve()), output=config.output, spec=spec, plan=plan,
-                      settings=settings, sg_classifier=sampling.sg_classifier, labeling=config.labeling,
-                      generator=config.generator, labeler=config.labeler, precision=config.precision)
-    return job, store, todo
+    store.write_json(CONFIG_NAME, {"identity": identity_now, "config": config.model_dump(mode="json")})
+    passes = read_passes(store)
+    if not passes:
+        passes = [first]
+        write_passes(store, passes)
+    return job, store, passes
 
 
 def _versions() -> dict[str, str]:
@@ -109,63 +162,70 @@ def _versions() -> dict[str, str]:
             "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
 
 
-LABEL_COLUMNS = ["target", "label", "accepted", "confidence"]
-
-
-def build_card(config: GenerateConfig, job: GenerateJob, store: ShardStore, table: pa.Table, wall_seconds: float,
-               made_rows: int) -> dict[str, Any]:
-    """The dataset card; ``table`` holds LABEL_COLUMNS of every committed row."""
-    plan = job.plan
-    target = np.asarray(table.column("target").to_pylist())
-    label = np.asarray(table.column("label").to_pylist())
-    accepted = table.column("accepted").to_numpy(zero_copy_only=False)
-    confidence = table.column("confidence").to_numpy()
+def build_card(config: GenerateConfig, job: GenerateJob, passes: list[Pass], records: list[dict],
+               wall_seconds: float, made_rows: int, targets: dict | None) -> dict[str, Any]:
+    """The dataset card, from the statistics each shard's writer recorded (no row is read)."""
     classes = list(job.spec.classes)
-    records = [store.shard_record(k) for k in range(plan.num_shards)]
+    total = total_statistics([r["statistics"] for r in records], classes)
+    by_pass = []
+    for step in passes:
+        mine = total_statistics([r["statistics"] for r in records if r.get("pass", 0) == step.index], classes)
+        by_pass.append({**step.as_json(), "rows": int(mine["rows"]),
+                        "accepted_by_label": dict(zip(classes, mine["accepted_by_label"].tolist()))})
+    made = total["target"]
     return {
-        "format": "synfer-dataset/1",
+        "format": "synfer-dataset/2",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "requested_rows": plan.count,
-        "rows": int(table.num_rows),
-        "shards": plan.num_shards,
+        "requested_rows": passes[0].count,
+        "shards": len(records),
+        "shard_index": INDEX_NAME,
         "classes": classes,
         "au_names": list(job.spec.au_names),
-        "counts": {
-            "target": {c: int((target == c).sum()) for c in classes},
-            "label": {c: int((label == c).sum()) for c in classes},
-            "accepted_by_label": {c: int(((label == c) & accepted).sum()) for c in classes},
-        },
-        "acceptance_rate": float(accepted.mean()) if len(accepted) else 0.0,
-        "label_agrees_with_target": float((label == target).mean()) if len(label) else 0.0,
-        "mean_confidence": {c: float(confidence[label == c].mean()) if (label == c).any() else None
-                            for c in classes},
+        **card_figures(total, classes),
+        # Per class asked for: the share of its rows accepted with that same label.
+        "acceptance_by_target": {c: float(total["accepted_by_target"][i] / made[i]) if made[i] else None
+                                 for i, c in enumerate(classes)},
+        "passes": by_pass,
+        "accepted_targets": targets,
         "bundle": {"path": job.bundle, "content_hash": BundleManifest.read(Path(job.bundle)).content_hash},
         "config": config.model_dump(mode="json"),
         "timing": {"wall_seconds_this_run": round(wall_seconds, 2), "rows_made_this_run": made_rows,
                    "images_per_second_this_run": round(made_rows / wall_seconds, 3) if wall_seconds else None,
                    "shard_seconds_total": round(sum(r["seconds"] for r in records), 2)},
         "versions": _versions(),
-        "shard_files": records,
     }
 
 
-def write_report(job: GenerateJob, store: ShardStore, card: dict, labels: pa.Table, directory: Path) -> list[Path]:
+def contact_sheet_rows(store: ShardStore, records: list[dict], classes: list[str],
+                       per_class: int = EXAMPLES_PER_CLASS) -> dict[str, list[bytes]]:
+    """Up to ``per_class`` images per target class, read from the few shards whose records name them
+    (their row groups only): bounded by the classes, not by the dataset."""
+    wanted: dict[int, dict[str, list[int]]] = {}
+    need = {c: per_class for c in classes}
+    for index, record in enumerate(records):
+        for name, offsets in (record["statistics"] or {}).get("examples", {}).items():
+            take = offsets[:need.get(name, 0)]
+            if take:
+                wanted.setdefault(index, {})[name] = take
+                need[name] -= len(take)
+        if not any(need.values()):
+            break
+    images: dict[str, list[bytes]] = {c: [] for c in classes}
+    for index, by_class in wanted.items():
+        offsets = [o for chosen in by_class.values() for o in chosen]
+        table = store.read_rows(records[index], offsets, ["image", "target"])
+        for image, target in zip(table.column("image").to_pylist(), table.column("target").to_pylist()):
+            images[target].append(image)
+    return images
+
+
+def write_report(job: GenerateJob, store: ShardStore, card: dict, records: list[dict], directory: Path) -> list[Path]:
     from synfer_ray.reports import confidence_histograms, contact_sheet
     classes = card["classes"]
-    per_class: dict[str, list[bytes]] = {c: [] for c in classes}
-    for k in sorted(store.committed(job.plan)):
-        table = pq.read_table(store.path("data", job.plan.file_name(k)), filesystem=store.fs,
-                              columns=["image", "target"])
-        for image, target in zip(table.column("image").to_pylist(), table.column("target").to_pylist()):
-            if len(per_class[target]) < 8:
-                per_class[target].append(image)
-        if all(len(v) >= 8 for v in per_class.values()):
-            break
     return [
-        contact_sheet(per_class, classes, directory / "contact_sheet.png"),
-        confidence_histograms(labels.column("confidence").to_numpy(), labels.column("label").to_pylist(),
-                              classes, directory / "confidence_histograms.png",
-                              tau=job.labeling.tau),
+        contact_sheet(contact_sheet_rows(store, records, classes), classes, directory / "contact_sheet.png"),
+        confidence_histograms(card["confidence_histogram"]["by_label"], classes,
+                              directory / "confidence_histograms.png", tau=job.labeling.tau),
     ]
 
 
@@ -179,76 +239,129 @@ def summary_table(card: dict) -> str:
     lines.append(f"rows {card['rows']} / requested {card['requested_rows']}, acceptance {card['acceptance_rate']:.1%}, "
                  f"made this run {timing['rows_made_this_run']} in {timing['wall_seconds_this_run']} s "
                  f"({timing['images_per_second_this_run']} img/s)")
+    targets = card.get("accepted_targets")
+    if targets:
+        lines.append(f"accepted-count targets: {len(card['passes'])} pass(es), {targets['stopped']}")
+        for name, short in targets["short"].items():
+            lines.append(f"  {name}: {targets['accepted'][name]} of {targets['wanted'][name]} accepted, "
+                         f"{short} short")
     return "\n".join(lines)
 
 
+def _stop_reason(passes: list[Pass], missing: dict, rows: int, budget: int, max_passes: int) -> str:
+    if not missing:
+        return "every class reached its target"
+    if len(passes) >= max_passes:
+        return f"stopped at max_passes ({max_passes}) with classes short"
+    if rows >= budget:
+        return f"stopped at the budget (max_rows {budget}) with classes short"
+    return "stopped: the budget left cannot make a row for the short classes"
+
+
 def run_generate(config: GenerateConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Make (or finish) the dataset of ``config``; return its card."""
-    job, store, todo = prepare(config, overwrite)
-    plan = job.plan
-    with start_run(config.tracking, "generate") as run:
+    """Make (or finish) the dataset of ``config``, pass after pass; return its card."""
+    job, store, passes = prepare(config, overwrite)
+    manifest = BundleManifest.read(Path(config.bundle))
+    classes = list(manifest.classes)
+    wanted = accepted_targets(config, manifest.classes)
+    budget = row_budget(config, wanted, passes[0].count)
+    from tqdm import tqdm
+    with start_run(config.tracking, "generate") as run, \
+            tqdm(unit="img", disable=not progress, desc="generate", dynamic_ncols=True) as bar:
         run.log_params({"config": config.model_dump(mode="json")})
         began = time.perf_counter()
         made = 0
-        if todo:
-            ensure_ray(config.ray)
-            from tqdm import tqdm
-            done_rows = plan.count - sum(plan.rows(k)[1] - plan.rows(k)[0] for k in todo)
-            with tqdm(total=plan.count, initial=done_rows, unit="img", disable=not progress,
-                      desc="generate", dynamic_ncols=True) as bar:
-                for record in run_shards(job, todo):
-                    start, stop = plan.rows(int(record["shard"]))
-                    made += stop - start
-                    bar.update(stop - start)
-        missing = sorted(set(range(plan.num_shards)) - store.committed(plan))
-        if missing:
-            raise RuntimeError(f"{len(missing)} shard(s) were not committed ({missing[:10]}); "
-                               f"run the same command again to make only those")
-        labels = store.read_table(plan, columns=LABEL_COLUMNS)
-        card = build_card(config, job, store, labels, time.perf_counter() - began, made)
+        jobs = [pass_job(job, step) for step in passes]
+        known = {record["file"]: record for record in store.records([j.plan for j in jobs])}
+        done = 0
+        while done < len(jobs):
+            for pass_job_ in jobs[done:]:
+                plan = pass_job_.plan
+                bar.total = sum(j.plan.count for j in jobs)
+                todo = sorted(set(range(plan.num_shards)) - store.committed(plan))
+                bar.update(plan.count - sum(plan.rows(k)[1] - plan.rows(k)[0] for k in todo))
+                if todo:
+                    ensure_ray(config.ray)
+                    for record in run_shards(pass_job_, todo):
+                        known[record["file"]] = record
+                        made += record["stop"] - record["start"]
+                        bar.update(record["stop"] - record["start"])
+                missing = sorted(set(range(plan.num_shards)) - store.committed(plan))
+                if missing:
+                    raise RuntimeError(f"{len(missing)} shard(s) of pass {plan.pass_index} were not committed "
+                                       f"({missing[:10]}); run the same command again to make only those")
+            done = len(jobs)
+            if wanted is None or len(passes) >= config.max_passes:
+                break
+            total = total_statistics([r["statistics"] for r in known.values()], classes)
+            step = plan_top_up(passes, wanted, dict(zip(classes, total["target"].tolist())),
+                               dict(zip(classes, total["accepted_by_label"].tolist())), budget - total["rows"],
+                               shard_size(config, manifest.resolution))
+            if step is None:
+                break
+            passes.append(step)
+            write_passes(store, passes)  # recorded before its first shard: a rerun makes the same rows
+            jobs.append(pass_job(job, step))
+        records = [known[f"data/{j.plan.file_name(k)}"] for j in jobs for k in range(j.plan.num_shards)]
+        store.write_index(records)
+        targets = None
+        if wanted is not None:
+            total = total_statistics([r["statistics"] for r in records], classes)
+            accepted = dict(zip(classes, total["accepted_by_label"].tolist()))
+            missing = shortfall(wanted, accepted)
+            targets = {"wanted": wanted, "accepted": {c: accepted[c] for c in wanted}, "short": missing,
+                       "budget": budget, "max_passes": config.max_passes,
+                       "stopped": _stop_reason(passes, missing, int(total["rows"]), budget, config.max_passes)}
+        card = build_card(config, job, passes, records, time.perf_counter() - began, made, targets)
         store.write_json(CARD_NAME, card)
         store.fs.create_dir(store.path("report"), recursive=True)
         with tempfile.TemporaryDirectory() as scratch:
-            for path in write_report(job, store, card, labels, Path(scratch)):
+            for path in write_report(job, store, card, records, Path(scratch)):
                 with store.fs.open_output_stream(store.path("report", path.name)) as stream:
                     stream.write(path.read_bytes())
                 run.log_artifact(path, "report")
             card_copy = Path(scratch) / CARD_NAME
             card_copy.write_text(json.dumps(card, indent=2))
             run.log_artifact(card_copy)
-        run.log_metrics({"rows": card["rows"], "acceptance_rate": card["acceptance_rate"],
+        run.log_metrics({"rows": card["rows"], "acceptance_rate": card["acceptance_rate"], "passes": len(passes),
                          "images_per_second": card["timing"]["images_per_second_this_run"] or 0.0})
         card["mlflow_run_id"] = run.run_id
         return card
 
 
 def inspect_dataset(uri: str) -> tuple[dict | None, list[str]]:
-    """The card (None if the run has not finished) and every integrity problem found."""
+    """The card (None if the run has not finished) and every integrity problem found; reads one
+    shard at a time."""
     store = ShardStore(uri)
     problems: list[str] = []
     if not store.exists(CONFIG_NAME):
         raise SynferError("path", uri, f"a dataset directory made by `synfer generate` (no {CONFIG_NAME})")
     config = GenerateConfig.model_validate(store.read_json(CONFIG_NAME)["config"])
-    plan = ShardPlan(config.count, config.rows_per_shard)
     card = store.read_json(CARD_NAME) if store.exists(CARD_NAME) else None
-    committed = store.committed(plan)
-    if len(committed) < plan.num_shards:
-        problems.append(f"{plan.num_shards - len(committed)} of {plan.num_shards} shards not committed yet")
+    # Datasets from before passes: one pass of ``count`` rows in shards of the configured size.
+    passes = read_passes(store) or [Pass(0, 0, config.count or 0, config.rows_per_shard or 256)]
+    plans = [pass_plan(step) for step in passes]
+    names = store.data_files()
     seen = 0
-    for k in sorted(committed):
-        record = store.shard_record(k)
-        with store.fs.open_input_stream(store.path("data", plan.file_name(k))) as stream:
-            data = stream.read()
-        if hashlib.sha256(data).hexdigest() != record["sha256"]:
-            problems.append(f"{plan.file_name(k)}: sha256 differs from its record (file changed or torn)")
-            continue
-        ids = pq.read_table(pa.BufferReader(data), columns=["sample_id"]).column("sample_id").to_numpy()
-        start, stop = plan.rows(k)
-        if len(ids) != record["rows"] or len(set(ids.tolist())) != len(ids) or \
-                (len(ids) and (ids.min() < start or ids.max() >= stop)):
-            problems.append(f"{plan.file_name(k)}: sample_ids are not the unique rows {start}..{stop - 1}")
-        seen += len(ids)
+    records = {record["file"]: record for record in store.records(plans)}
+    for plan in plans:
+        committed = store.committed(plan, names)
+        if len(committed) < plan.num_shards:
+            problems.append(f"pass {plan.pass_index}: {plan.num_shards - len(committed)} of {plan.num_shards} "
+                            f"shards not committed yet")
+        for k in sorted(committed):
+            record = records[f"data/{plan.file_name(k)}"]
+            with store.fs.open_input_stream(store.path("data", plan.file_name(k))) as stream:
+                data = stream.read()
+            if hashlib.sha256(data).hexdigest() != record["sha256"]:
+                problems.append(f"{plan.file_name(k)}: sha256 differs from its record (file changed or torn)")
+                continue
+            ids = pq.read_table(pa.BufferReader(data), columns=["sample_id"]).column("sample_id").to_numpy()
+            start, stop = plan.rows(k)
+            if len(ids) != record["rows"] or len(np.unique(ids)) != len(ids) or \
+                    (len(ids) and (ids.min() < start or ids.max() >= stop)):
+                problems.append(f"{plan.file_name(k)}: sample_ids are not the unique rows {start}..{stop - 1}")
+            seen += len(ids)
     if card is not None and card["rows"] != seen:
         problems.append(f"card says {card['rows']} rows, shards hold {seen}")
     return card, problems
-

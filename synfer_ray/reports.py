@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -27,22 +27,24 @@ def contact_sheet(images_by_class: dict[str, Sequence[bytes]], classes: Sequence
     return path
 
 
-def confidence_histograms(confidence: np.ndarray, labels: Sequence[str], classes: Sequence[str],
-                          path: Path, tau: float | None = None) -> Path:
-    """One small histogram of label confidence per final class."""
+def confidence_histograms(histograms: Mapping[str, Sequence[int]], classes: Sequence[str], path: Path,
+                          tau: float | None = None) -> Path:
+    """One small histogram of label confidence per final class, from counts per equal bin over [0, 1]
+    (what each shard's writer records)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = np.asarray(labels)
     columns = min(4, len(classes))
     rows = -(-len(classes) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 2.4 * rows), squeeze=False)
     for axis, name in zip(axes.flat, classes):
-        values = confidence[labels == name]
-        axis.hist(values, bins=20, range=(0, 1), color="tab:blue")
+        counts = np.asarray(histograms.get(name, []), dtype=np.int64)
+        if len(counts):
+            axis.stairs(counts, np.linspace(0, 1, len(counts) + 1), fill=True, color="tab:blue")
         if tau is not None:
             axis.axvline(tau, color="tab:red", linestyle="--", linewidth=1)
-        axis.set_title(f"{name} (n={len(values)})", fontsize=9)
+        axis.set_xlim(0, 1)
+        axis.set_title(f"{name} (n={int(counts.sum())})", fontsize=9)
         axis.tick_params(labelsize=7)
     for axis in list(axes.flat)[len(classes):]:
         axis.axis("off")

@@ -30,6 +30,9 @@ class ManifestSpec:
     # "sampled": each row draws its class from the mix; "cycled": row i gets class i mod K, so every
     # prefix of the dataset has equal numbers per class (what a study compares).
     class_assignment: str = "sampled"
+    # A top-up pass (data/passes.py): rows from ``quota_start`` on take their class from ``quotas``.
+    quotas: tuple[tuple[str, int], ...] = ()
+    quota_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,10 @@ def row_seed(dataset_seed: int, index: int) -> int:
 
 def manifest_row(spec: ManifestSpec, index: int) -> ManifestRow:
     seed = row_seed(spec.seed, index)
-    if spec.class_assignment == "cycled":
+    if spec.quotas:
+        from synfer_ray.data.passes import quota_target
+        target = quota_target(spec.quotas, index - spec.quota_start)
+    elif spec.class_assignment == "cycled":
         target = spec.classes[index % len(spec.classes)]
     else:
         target = taxonomy.sample_expression(seed, spec.classes, np.asarray(spec.class_weights))
