@@ -302,6 +302,7 @@ def run_generate(config: GenerateConfig, overwrite: bool = False, progress: bool
             passes.append(step)
             write_passes(store, passes)  # recorded before its first shard: a rerun makes the same rows
             jobs.append(pass_job(job, step))
+        finishing = time.perf_counter()
         records = [known[f"data/{j.plan.file_name(k)}"] for j in jobs for k in range(j.plan.num_shards)]
         store.write_index(records)
         targets = None
@@ -312,14 +313,16 @@ def run_generate(config: GenerateConfig, overwrite: bool = False, progress: bool
             targets = {"wanted": wanted, "accepted": {c: accepted[c] for c in wanted}, "short": missing,
                        "budget": budget, "max_passes": config.max_passes,
                        "stopped": _stop_reason(passes, missing, int(total["rows"]), budget, config.max_passes)}
-        card = build_card(config, job, passes, records, time.perf_counter() - began, made, targets)
-        store.write_json(CARD_NAME, card)
+        card = build_card(config, job, passes, records, finishing - began, made, targets)
         store.fs.create_dir(store.path("report"), recursive=True)
         with tempfile.TemporaryDirectory() as scratch:
             for path in write_report(job, store, card, records, Path(scratch)):
                 with store.fs.open_output_stream(store.path("report", path.name)) as stream:
                     stream.write(path.read_bytes())
                 run.log_artifact(path, "report")
+            # Index, statistics and report: what finishing costs, by shards not rows.
+            card["timing"]["finish_seconds"] = round(time.perf_counter() - finishing, 3)
+            store.write_json(CARD_NAME, card)  # last: a card means a finished dataset
             card_copy = Path(scratch) / CARD_NAME
             card_copy.write_text(json.dumps(card, indent=2))
             run.log_artifact(card_copy)

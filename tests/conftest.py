@@ -143,7 +143,7 @@ def separable_faces(per_class: int, seed: int, corrupt: int = 0):
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L").save(buffer, "PNG")
             images.append(buffer.getvalue())
             labels.append("angry" if name == "anger" else name)
-    images += [b"\x89PNG but truncated"] * corrupt
+    images += [b"\x89PNG but truncated %d" % i for i in range(corrupt)]  # distinct rows (ids are content hashes)
     labels += ["happy"] * corrupt
     return pa.table({"image": images, "label": labels})
 

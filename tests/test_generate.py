@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -234,3 +236,124 @@ def test_inspect_finds_a_changed_shard(first_run, tmp_path):
     victim.write_bytes(victim.read_bytes()[:-100])
     result = CliRunner().invoke(app, ["inspect", str(copy)])
     assert result.exit_code == 1 and "sha256 differs" in result.output
+
+
+# --- accepted-count targets: the shipped faces-48 bundle, whose classes its guide accepts at very
+# different rates (happy and sad often, disgust almost never) -------------------------------------
+
+FACES_48 = Path(__file__).resolve().parents[1] / "models" / "faces-48"
+
+
+def targets_config(output: Path, **change) -> dict:
+    return {
+        "bundle": str(FACES_48), "output": str(output), "seed": 5, "rows_per_shard": 4, "count": 14,
+        "accepted_per_class": {"happy": 4, "sad": 4, "surprise": 3}, "max_rows": 300,
+        "sampling": {"steps": 4, "scheduler": "dpmpp_2m"},
+        "labeling": {"voters": [{"path": str(FACES_48 / "sg_classifier"), "name": "guide"}], "tau": 0.3},
+        "generator": {"min_actors": 1, "max_actors": 1, "num_cpus": 1, "batch_size": 8},
+        "labeler": {"min_actors": 1, "max_actors": 1, "num_cpus": 0.5},
+        "tracking": {"enabled": False}, **change,
+    }
+
+
+@pytest.fixture(scope="module")
+def targets_run(ray_cluster, tmp_path_factory):
+    output = tmp_path_factory.mktemp("targets") / "uninterrupted"
+    card = run_generate(build_config(GenerateConfig, targets_config(output)), progress=False)
+    return output, card
+
+
+@pytest.mark.slow
+def test_accepted_targets_are_reached_by_top_up_passes(targets_run):
+    output, card = targets_run
+    targets = card["accepted_targets"]
+    print({p["index"]: (p["count"], p["quotas"]) for p in card["passes"]}, targets)
+    assert len(card["passes"]) >= 2 and targets["short"] == {} and "reached" in targets["stopped"]
+    for name, wanted in targets["wanted"].items():
+        assert card["counts"]["accepted_by_label"][name] >= wanted
+    rates = [r for r in card["acceptance_by_target"].values() if r is not None]
+    assert max(rates) - min(rates) > 0.3  # the classes really do accept at different rates
+    table = pq.read_table(output / "data", columns=["sample_id", "target", "accepted", "label"])
+    assert sorted(table.column("sample_id").to_pylist()) == list(range(card["rows"]))
+    top_up = card["passes"][1]
+    ids = np.asarray(table.column("sample_id").to_pylist())
+    targets_of = np.asarray(table.column("target").to_pylist())[(ids >= top_up["start"])
+                                                               & (ids < top_up["start"] + top_up["count"])]
+    assert set(targets_of) == {name for name, _ in top_up["quotas"]}  # top-ups ask only for short classes
+    assert inspect_dataset(str(output))[1] == []
+
+
+@pytest.mark.slow
+def test_an_interrupted_top_up_pass_reruns_to_the_rows_of_an_uninterrupted_one(targets_run, ray_cluster, tmp_path):
+    reference, card = targets_run
+    output = tmp_path / "killed"
+    config_path = tmp_path / "gen.yaml"
+    config_path.write_text(yaml.safe_dump(targets_config(output)))
+    driver = subprocess.Popen([sys.executable, "-m", "synfer_ray.cli", "generate", "--config", str(config_path),
+                               f"ray.address={ray_cluster}"], env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None and not list((output / "data").glob("pass-01-*")):
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    top_up_shards = len(list((output / "data").glob("pass-01-*")))
+    assert top_up_shards >= 1 and not (output / "dataset.json").exists(), "the kill should land in pass 1"
+    rerun = run_generate(build_config(GenerateConfig, targets_config(output)), progress=False)
+    assert images_by_id(output) == images_by_id(reference)
+    assert rerun["passes"] == card["passes"] and rerun["rows"] == card["rows"]
+    assert rerun["timing"]["rows_made_this_run"] < card["rows"]
+
+
+@pytest.mark.slow
+def test_a_budget_stop_reports_the_shortfall_of_each_class(ray_cluster, tmp_path):
+    from synfer_ray.generate import summary_table
+    config = targets_config(tmp_path / "budget", accepted_per_class=3, max_rows=40, count=21)
+    card = run_generate(build_config(GenerateConfig, config), progress=False)
+    targets = card["accepted_targets"]
+    assert card["rows"] <= 40 and "budget" in targets["stopped"]
+    assert targets["short"]["disgust"] == 3 - card["counts"]["accepted_by_label"]["disgust"] > 0
+    for name, short in targets["short"].items():
+        assert short == 3 - targets["accepted"][name] > 0
+        assert f"{name}: {targets['accepted'][name]} of 3 accepted, {short} short" in summary_table(card)
+
+
+DRIVER = """
+import json, resource, sys, yaml
+from synfer_ray.config import GenerateConfig, build_config
+from synfer_ray.generate import run_generate
+card = run_generate(build_config(GenerateConfig, yaml.safe_load(open(sys.argv[1]))), progress=False)
+print("RESULT", json.dumps({"rows": card["rows"], "shards": card["shards"],
+                            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+@pytest.mark.slow
+def test_twenty_thousand_rows_cost_the_driver_no_more_memory_than_two_thousand(ray_cluster, tmp_path):
+    """The cheap generator (a tiny 16x16 bundle, 1 step, no CFG) through the real pipeline, default
+    shard sizes; the driver holds per-shard records only, so 10x the rows is not 10x its memory."""
+    from synfer_ray.bundle import make_tiny_bundle
+    bundle = tmp_path / "tiny-16"
+    make_tiny_bundle(bundle, resolution=16)
+
+    def driver(rows: int) -> dict:
+        config = {"bundle": str(bundle), "output": str(tmp_path / f"ds-{rows}"), "count": rows,
+                  "sampling": {"steps": 1, "cfg_scale": 1.0},
+                  "labeling": {"voters": [{"path": str(bundle / "sg_classifier")}], "tau": 0.3},
+                  "generator": {"min_actors": 2, "max_actors": 2, "num_cpus": 1, "batch_size": 512},
+                  "labeler": {"min_actors": 1, "max_actors": 1, "num_cpus": 0.5, "batch_size": 512},
+                  "ray": {"address": ray_cluster}, "tracking": {"enabled": False}}
+        path = tmp_path / f"gen-{rows}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        done = subprocess.run([sys.executable, "-c", DRIVER, str(path)], capture_output=True, text=True,
+                              timeout=900, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.split("RESULT", 1)[1])
+
+    small, large = driver(2_000), driver(20_000)
+    print(f"driver peak RSS: 2,000 rows {small['rss_mb']:.0f} MB in {small['shards']} shards, "
+          f"20,000 rows {large['rss_mb']:.0f} MB in {large['shards']} shards")
+    assert small["rows"] == 2_000 and large["rows"] == 20_000
+    assert large["rss_mb"] <= 1.15 * small["rss_mb"]
+    card, problems = inspect_dataset(str(tmp_path / "ds-20000"))
+    assert problems == [] and card["shards"] == large["shards"]

@@ -106,12 +106,33 @@ def test_mixing_ratio_draws_rows_per_row_of_the_first_source_and_names_impossibl
     real = {"path": str(separable_parquet["train"]), "limit": 100}
     prepared = prepare_data(config(real, {"path": str(separable_parquet["test"]), "ratio": 0.5}),
                             taxonomy.AFFECTNET_7)
-    assert [settings.limit for settings, _ in prepared.train_sources] == [100, 50]
-    assert prepared.train_rows == int(150 * 0.9)  # before the validation split takes its 10%
-    assert sum(prepared.class_counts.values()) == pytest.approx(150)
+    # Rows are kept by a hash of their ids: 100 of the source's rows, 50 of the other's 70.
+    rows = pq.ParquetFile(separable_parquet["train"]).metadata.num_rows
+    assert [selection.keep for _, _, selection in prepared.train_sources] == pytest.approx([100 / rows, 50 / 70])
+    assert [selection.split for _, _, selection in prepared.train_sources] == ["train", None]
+    assert prepared.train_rows == int(100 * 0.9 + 50)  # validation comes from data.train[0] only
+    assert sum(prepared.class_counts.values()) == pytest.approx(140)
     with pytest.raises(SynferError, match=r"^data\.train\[1\]\.ratio: .*at most 0\.7: this source has 70 rows"):
         prepare_data(config(real, {"path": str(separable_parquet["test"]), "ratio": 2}), taxonomy.AFFECTNET_7)
     with pytest.raises(ValueError, match="data.train\\[0\\] is what the other sources' ratio counts against"):
         config({"path": "a", "ratio": 1})
     with pytest.raises(ValueError, match="either limit .* or ratio"):
         config(real, {"path": "b", "ratio": 1, "limit": 5})
+
+
+def test_row_selection_is_a_pure_function_of_each_rows_id():
+    from synfer_ray.data.faces import RowSelection
+    images = np.array([f"face-{i}".encode() for i in range(20_000)], dtype=object)
+    batch = {"image": images, "accepted": np.arange(20_000) % 4 != 0}
+    train = RowSelection(split="train", val_fraction=0.1, seed=3).mask(batch)
+    validation = RowSelection(split="validation", val_fraction=0.1, seed=3).mask(batch)
+    assert not np.any(train & validation) and np.all(train | validation)
+    assert validation.mean() == pytest.approx(0.1, abs=0.01)
+    kept = RowSelection(keep=0.25, seed=3).mask(batch)
+    assert kept.mean() == pytest.approx(0.25, abs=0.01)
+    # The same rows in any order, in any batch: a row's fate is its own.
+    order = np.random.default_rng(0).permutation(20_000)
+    assert np.array_equal(RowSelection(keep=0.25, seed=3).mask({"image": images[order]}), kept[order])
+    assert not np.array_equal(RowSelection(keep=0.25, seed=4).mask(batch), kept)  # the seed matters
+    accepted = RowSelection(accepted_only=True, part="1/2").mask(batch)
+    assert np.all(batch["accepted"][accepted]) and accepted.mean() == pytest.approx(0.75 / 2, abs=0.02)

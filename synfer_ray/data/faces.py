@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image
 
@@ -54,17 +55,25 @@ def resolve_source(path: str, field: str) -> FaceSource:
     return FaceSource(str(location), False, digest.hexdigest())
 
 
-def check_labels(source: FaceSource, classes: Sequence[str], field: str) -> dict[str, int]:
-    """Refuse a source with missing columns or labels outside ``classes``; return counts per class."""
+def check_labels(source: FaceSource, classes: Sequence[str], field: str, accepted_only: bool = True) -> dict[str, int]:
+    """Refuse a source with missing columns or labels outside ``classes``; return counts per class
+    (of a synfer dataset's accepted rows only, unless ``accepted_only`` is False). The label column
+    streams through in record batches: the driver never holds it whole."""
     dataset = pads.dataset(source.data_path, format="parquet")
     needed = {"image", "label"} | ({"accepted", "soft_label"} if source.synthetic else set())
     missing = needed - set(dataset.schema.names)
     if missing:
         raise SynferError(field, source.path, f"Parquet with columns {sorted(needed)}; missing {sorted(missing)}")
-    labels = dataset.to_table(columns=["label"]).column("label").to_pylist()
+    use_accepted = source.synthetic and accepted_only
+    raw: dict[str, int] = {}
+    for batch in dataset.to_batches(columns=["label", "accepted"] if use_accepted else ["label"]):
+        labels = batch.column(0)
+        if use_accepted:
+            labels = pc.filter(labels, pc.fill_null(batch.column(1), False))
+        for item in pc.value_counts(labels).to_pylist():
+            raw[str(item["values"])] = raw.get(str(item["values"]), 0) + int(item["counts"])
     counts: dict[str, int] = {}
-    for name, count in zip(*np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)):
-        name = str(name)
+    for name, count in sorted(raw.items()):
         canonical = taxonomy.EXPRESSION_ALIASES.get(name.strip().lower(), name.strip().lower())
         if canonical not in classes:
             raise SynferError(f"{field} (label column)", name,
@@ -74,13 +83,63 @@ def check_labels(source: FaceSource, classes: Sequence[str], field: str) -> dict
     return counts
 
 
+def row_keys(images: Sequence[bytes]) -> np.ndarray:
+    """A stable 64-bit id per row: a hash of its image bytes (the same row has the same id in any
+    file, order or run)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(bytes(image), digest_size=8).digest(), "big")
+                        for image in images), dtype=np.uint64, count=len(images))
+
+
+def key_uniform(keys: np.ndarray, salt: int) -> np.ndarray:
+    """A uniform number in [0, 1) per row id, independent for each ``salt`` (splitmix64)."""
+    with np.errstate(over="ignore"):
+        z = keys.astype(np.uint64) + np.uint64((0x9E3779B97F4A7C15 * (salt + 1)) % (1 << 64))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+SPLIT_SALT, LIMIT_SALT = 1, 2
+
+
+@dataclass(frozen=True)
+class RowSelection:
+    """Which rows of a source a job reads, decided per row from its id (no shuffle, no driver):
+    part ``k/n`` of the ids, accepted rows only, each row kept with probability ``keep`` (a limit
+    or ratio: about ``keep * rows`` rows, the same ones on every run), and one side of a
+    train/validation split of fraction ``val_fraction``."""
+
+    part: str | None = None
+    accepted_only: bool = False
+    keep: float = 1.0
+    seed: int = 0
+    split: str | None = None  # "train", "validation" or None (no split)
+    val_fraction: float = 0.0
+
+    def mask(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        keys = row_keys(batch["image"])
+        mask = np.ones(len(keys), bool)
+        if self.part:
+            index, count = map(int, self.part.split("/"))
+            mask &= keys % np.uint64(count) == np.uint64(index - 1)
+        if self.accepted_only:
+            mask &= np.asarray(batch["accepted"], bool)
+        if self.keep < 1:
+            mask &= key_uniform(keys, LIMIT_SALT * 1000 + self.seed) < self.keep
+        if self.split:
+            validation = key_uniform(keys, SPLIT_SALT * 1000 + self.seed) < self.val_fraction
+            mask &= validation if self.split == "validation" else ~validation
+        return mask
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = self.mask(batch)
+        return {key: value[mask] for key, value in batch.items()}
+
+
 def in_part(images: Sequence[bytes], part: str | None) -> np.ndarray:
     """Mask of the rows in part ``"k/n"``, by a hash of the image bytes (stable across runs)."""
-    if part is None:
-        return np.ones(len(images), bool)
-    index, count = map(int, part.split("/"))
-    return np.array([int.from_bytes(hashlib.blake2b(bytes(image), digest_size=8).digest(), "big") % count
-                     == index - 1 for image in images], bool)
+    return RowSelection(part=part).mask({"image": images})
 
 
 def _decode(data: bytes, size: int) -> np.ndarray | None:

@@ -8,6 +8,7 @@ so that a lost worker resumes from the last one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -21,7 +22,7 @@ import numpy as np
 
 from synfer_ray import taxonomy
 from synfer_ray.config import SourceConfig, TrainConfig
-from synfer_ray.data.faces import FaceSource, check_labels, resolve_source
+from synfer_ray.data.faces import FaceSource, RowSelection, check_labels, resolve_source
 from synfer_ray.errors import SynferError
 
 STATE_NAME = "synfer_state.json"
@@ -189,56 +190,53 @@ def _metric(name: str, value: float, step: int):
 
 @dataclass(frozen=True)
 class PreparedData:
-    train_sources: list[tuple[SourceConfig, FaceSource]]
+    train_sources: list[tuple[SourceConfig, FaceSource, RowSelection]]
     validation: tuple[SourceConfig, FaceSource] | None
     test: tuple[SourceConfig, FaceSource] | None
-    train_rows: int
+    train_rows: int  # expected rows per epoch (selections are per-row hashes: within a few sqrt(rows))
     class_counts: dict[str, float]  # expected rows per class in the training mix
 
 
-def _rows_after_filters(source: FaceSource, settings: SourceConfig) -> int:
-    import pyarrow.dataset as pads
-    from synfer_ray.data.faces import in_part
-    dataset = pads.dataset(source.data_path, format="parquet")
-    keep = np.ones(dataset.count_rows(), bool)
-    if source.synthetic and settings.accepted_only:
-        keep &= np.asarray(dataset.to_table(columns=["accepted"]).column("accepted"), bool)
-    if settings.part:
-        keep &= in_part(dataset.to_table(columns=["image"]).column("image").to_pylist(), settings.part)
-    rows = int(keep.sum())
-    return min(rows, settings.limit) if settings.limit else rows
-
-
-def _rows_for_ratio(ratio: float, available: int, base_rows: int, index: int) -> int:
+def _rows_for_ratio(ratio: float, available: float, base_rows: float, index: int) -> int:
     wanted = max(1, round(ratio * base_rows))
     if wanted > available:
         raise SynferError(f"data.train[{index}].ratio", ratio,
-                          f"at most {available / max(base_rows, 1):.3g}: this source has {available} rows after its "
-                          f"filters and data.train[0] has {base_rows}; lower the ratio or make more rows")
+                          f"at most {available / max(base_rows, 1):.3g}: this source has {available:.0f} rows after "
+                          f"its filters and data.train[0] has {base_rows:.0f}; lower the ratio or make more rows")
     return wanted
 
 
 def prepare_data(config: TrainConfig, classes: tuple[str, ...]) -> PreparedData:
-    """Resolve and check every source (columns, labels) before any Ray work."""
+    """Resolve and check every source (columns, labels) before any Ray work, and decide which rows
+    each one gives: from per-class counts streamed through the driver (accepted rows only), never
+    the rows themselves."""
     data = config.data
-    train_sources, counts, rows, base_rows = [], {c: 0.0 for c in classes}, 0, 0
+    seed = config.optim.seed
+    train_sources, counts, rows, base_rows = [], {c: 0.0 for c in classes}, 0.0, 0.0
     for index, settings in enumerate(data.train):
         field = f"data.train[{index}].path"
         source = resolve_source(settings.path, field)
-        labels = check_labels(source, classes, field)
-        available = _rows_after_filters(source, settings)
+        labels = check_labels(source, classes, field, accepted_only=settings.accepted_only)
+        # part k/n keeps 1/n of the rows (a uniform hash), accepted_only is in the counts already
+        available = sum(labels.values()) / (int(settings.part.split("/")[1]) if settings.part else 1)
+        wanted = settings.limit
         if settings.ratio is not None:
-            settings = settings.model_copy(update={"limit": _rows_for_ratio(settings.ratio, available, base_rows,
-                                                                             index),
-                                                   "ratio": None})
-            available = settings.limit
+            wanted = _rows_for_ratio(settings.ratio, available, base_rows, index)
+        keep = min(1.0, wanted / available) if wanted and available else 1.0
+        given = available * keep
         if index == 0:
-            base_rows = available
-        rows += available
-        share = available / max(sum(labels.values()), 1)  # this source's classes, scaled to the rows it gives
+            base_rows = given
+        # The first source gives the validation rows when no validation source is named.
+        split = "train" if data.validation is None and index == 0 else None
+        if split:
+            given *= 1 - data.val_fraction
+        rows += given
+        share = given / max(sum(labels.values()), 1)  # this source's classes, scaled to the rows it gives
         for name, count in labels.items():
             counts[name] += count * share
-        train_sources.append((settings, source))
+        selection = RowSelection(part=settings.part, accepted_only=source.synthetic and settings.accepted_only,
+                                 keep=keep, seed=seed, split=split, val_fraction=data.val_fraction)
+        train_sources.append((settings, source, selection))
     extra = {}
     for name in ("validation", "test"):
         settings = getattr(data, name)
@@ -246,45 +244,40 @@ def prepare_data(config: TrainConfig, classes: tuple[str, ...]) -> PreparedData:
             source = resolve_source(settings.path, f"data.{name}.path")
             check_labels(source, classes, f"data.{name}.path")
             extra[name] = (settings, source)
-    if data.validation is None:
-        rows = int(rows * (1 - data.val_fraction))
     if rows < config.scaling.num_workers:
         raise SynferError("data.train", [s.path for s in data.train],
                           f"at least one training row per worker ({config.scaling.num_workers})")
-    return PreparedData(train_sources, extra.get("validation"), extra.get("test"), rows, counts)
+    return PreparedData(train_sources, extra.get("validation"), extra.get("test"), int(rows), counts)
 
 
-def _read(source: FaceSource, settings: SourceConfig, config: TrainConfig, classes: tuple[str, ...]):
+def _read(source: FaceSource, selection: RowSelection, config: TrainConfig, classes: tuple[str, ...]):
     import ray
 
-    from synfer_ray.data.faces import decode_faces, in_part
+    from synfer_ray.data.faces import decode_faces
     columns = ["image", "label"] + (["soft_label", "accepted"] if source.synthetic else [])
     dataset = ray.data.read_parquet(source.data_path, columns=columns)
-    accepted_only, part = source.synthetic and settings.accepted_only, settings.part
-    if accepted_only or part:
-        def keep(batch):
-            mask = in_part(batch["image"], part)
-            if accepted_only:
-                mask &= np.asarray(batch["accepted"], bool)
-            return {k: v[mask] for k, v in batch.items()}
-        dataset = dataset.map_batches(keep, batch_format="numpy")
-    if settings.limit:
-        dataset = dataset.random_shuffle(seed=config.optim.seed).limit(settings.limit)
+    if selection != RowSelection():
+        dataset = dataset.map_batches(selection, batch_format="numpy")
     return dataset.map_batches(decode_faces, batch_format="numpy", fn_kwargs={
         "classes": classes, "image_size": config.data.image_size, "soft": config.data.labels == "soft",
         "synthetic": source.synthetic})
 
 
 def build_datasets(config: TrainConfig, prepared: PreparedData, classes: tuple[str, ...]):
+    """Train and validation datasets. No global shuffle: rows are chosen by their ids, blocks come in
+    a seeded random order each epoch and the workers shuffle locally (a buffer of a few batches)."""
     from synfer_ray.data.faces import augment
-    parts = [_read(source, settings, config, classes) for settings, source in prepared.train_sources]
+    parts = [_read(source, selection, config, classes) for _, source, selection in prepared.train_sources]
     train = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if prepared.validation is not None:
         settings, source = prepared.validation
-        validation = _read(source, settings, config, classes)
+        validation = _read(source, RowSelection(part=settings.part, accepted_only=source.synthetic
+                                                and settings.accepted_only), config, classes)
     else:
-        train, validation = train.train_test_split(config.data.val_fraction, shuffle=True,
-                                                   seed=config.optim.seed)
+        first = prepared.train_sources[0][2]
+        _, source, _ = prepared.train_sources[0]
+        validation = _read(source, dataclasses.replace(first, split="validation", keep=1.0), config, classes)
+    train = train.randomize_block_order(seed=config.optim.seed)
     if config.data.class_balanced_sampling:
         from synfer_ray.data.faces import balance_classes
         counts = np.array([max(prepared.class_counts.get(c, 0), 1) for c in classes], np.float64)
@@ -334,7 +327,7 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "train_config.json").write_text(config.model_dump_json(indent=2))
-    lineage = {f"lineage.train.{i}": source.lineage for i, (_, source) in enumerate(prepared.train_sources)}
+    lineage = {f"lineage.train.{i}": source.lineage for i, (_, source, _) in enumerate(prepared.train_sources)}
     if prepared.test:
         lineage["lineage.test"] = prepared.test[1].lineage
     with start_run(config.tracking, config.name) as run:
