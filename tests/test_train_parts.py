@@ -136,3 +136,17 @@ def test_row_selection_is_a_pure_function_of_each_rows_id():
     assert not np.array_equal(RowSelection(keep=0.25, seed=4).mask(batch), kept)  # the seed matters
     accepted = RowSelection(accepted_only=True, part="1/2").mask(batch)
     assert np.all(batch["accepted"][accepted]) and accepted.mean() == pytest.approx(0.75 / 2, abs=0.02)
+
+
+def test_class_counts_of_a_synfer_dataset_count_accepted_rows_only(tmp_path):
+    """What balancing and ratios see: rejected rows are not training rows."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "dataset.json").write_text("{}")
+    labels = ["happy"] * 6 + ["sad"] * 4
+    accepted = [True, False, False, False, True, True, True, False, False, False]
+    pq.write_table(pa.table({"image": [b"x%d" % i for i in range(10)], "label": labels, "accepted": accepted,
+                             "soft_label": [[0.0] * 7] * 10}), tmp_path / "data" / "shard-00000-of-00001.parquet")
+    source = resolve_source(str(tmp_path), "data.train[1].path")
+    assert source.synthetic
+    assert check_labels(source, taxonomy.AFFECTNET_7, "f") == {"happy": 3, "sad": 1}
+    assert check_labels(source, taxonomy.AFFECTNET_7, "f", accepted_only=False) == {"happy": 6, "sad": 4}
