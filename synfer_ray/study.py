@@ -189,49 +189,92 @@ def generation_stage(kind: str, config: GenerateConfig, cache: StageCache) -> di
     return cache.run(kind, payload, make)
 
 
-def score_dataset(dataset: str, evaluator, classes: Sequence[str]) -> dict:
-    """The evaluator's view of a generated set: FER accuracy, label agreement, confidence, diversity."""
-    import pyarrow.parquet as pq
+class ScoreRows:
+    """Ray Data actor: the evaluator's verdict on a batch of generated rows, as sums (no rows leave)."""
 
-    from synfer_ray.classifiers import embed_images, predict_probabilities
-    from synfer_ray.images import decode_rgb
-    from synfer_ray.labeler.rectify import align_probabilities
-    table = pq.read_table(Path(dataset) / "data", columns=["image", "target", "label", "accepted", "confidence"])
-    images = np.stack([decode_rgb(data) for data in table.column("image").to_pylist()])
-    probabilities = align_probabilities(predict_probabilities(evaluator, images), evaluator.classes, classes,
-                                        "evaluator")
-    judged = np.asarray(classes)[probabilities.argmax(axis=1)]
-    targets = np.asarray(table.column("target").to_pylist())
-    labels = np.asarray(table.column("label").to_pylist())
-    accepted = np.asarray(table.column("accepted").to_pylist(), bool)
-    embeddings = embed_images(evaluator, images)
+    def __init__(self, evaluator_path: str, classes: Sequence[str]):
+        import torch
+
+        from synfer_ray.classifiers import load_classifier
+        torch.set_num_threads(1)
+        self.evaluator = load_classifier(evaluator_path, field="evaluator")
+        self.classes = list(classes)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from synfer_ray.classifiers import embed_images, predict_probabilities
+        from synfer_ray.images import decode_rgb
+        from synfer_ray.labeler.rectify import align_probabilities
+        images = np.stack([decode_rgb(data) for data in batch["image"]])
+        probabilities = align_probabilities(predict_probabilities(self.evaluator, images), self.evaluator.classes,
+                                            self.classes, "evaluator")
+        judged = np.asarray(self.classes)[probabilities.argmax(axis=1)]
+        targets, labels = batch["target"].astype(str), batch["label"].astype(str)
+        accepted = np.asarray(batch["accepted"], bool)
+        embeddings = embed_images(self.evaluator, images)
+        unit = embeddings / np.clip(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12, None)
+        sums = {"rows": len(images), "fer_correct": int((judged == targets).sum()), "accepted": int(accepted.sum()),
+                "label_matches_target": int((labels == targets).sum()),
+                "label_agrees_with_evaluator": int((judged == labels).sum()),
+                "accepted_label_agrees": int((judged[accepted] == labels[accepted]).sum()),
+                "label_confidence": float(np.sum(batch["confidence"])),
+                "evaluator_confidence": float(probabilities.max(axis=1).sum()),
+                "per_class": {c: {"rows": int((targets == c).sum()), "correct": int(((targets == c) & (judged == c)).sum()),
+                                  "unit_sum": unit[targets == c].sum(axis=0).tolist()}
+                              for c in self.classes if (targets == c).any()}}
+        return {"sums": np.array([json.dumps(sums)], dtype=object)}
+
+
+def _add(total: dict, part: dict) -> dict:
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _add(total.setdefault(key, {}), value)
+        elif isinstance(value, list):
+            total[key] = (np.asarray(total[key]) + np.asarray(value)) if key in total else np.asarray(value)
+        else:
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def score_dataset(dataset: str, evaluator_path: str, classes: Sequence[str]) -> dict:
+    """The evaluator's view of a generated set: FER accuracy, label agreement, confidence, diversity.
+    Scored inside Ray Data by evaluator actors; the driver adds up per-batch sums."""
+    import ray.data
+    scored = ray.data.read_parquet(str(Path(dataset) / "data"),
+                                   columns=["image", "target", "label", "accepted", "confidence"]).map_batches(
+        ScoreRows, batch_size=256, batch_format="numpy", fn_constructor_kwargs={
+            "evaluator_path": evaluator_path, "classes": tuple(classes)},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=1)
+    total: dict = {}
+    for row in scored.iter_rows():
+        _add(total, json.loads(row["sums"]))
+    rows, per_class = total["rows"], total["per_class"]
     return {
-        "rows": int(table.num_rows),
-        "fer_accuracy": float((judged == targets).mean()),
-        "fer_accuracy_per_class": {c: float((judged[targets == c] == c).mean()) for c in classes if (targets == c).any()},
-        "acceptance": float(accepted.mean()),
-        "label_matches_target": float((labels == targets).mean()),
-        "label_agrees_with_evaluator": float((judged == labels).mean()),
-        "accepted_label_agrees_with_evaluator": float((judged[accepted] == labels[accepted]).mean())
-        if accepted.any() else float("nan"),
-        "label_confidence": float(np.mean(table.column("confidence").to_numpy())),
-        "evaluator_confidence": float(probabilities.max(axis=1).mean()),
-        "diversity": within_class_diversity(embeddings, targets),
+        "rows": int(rows),
+        "fer_accuracy": total["fer_correct"] / rows,
+        "fer_accuracy_per_class": {c: per_class[c]["correct"] / per_class[c]["rows"] for c in classes if c in per_class},
+        "acceptance": total["accepted"] / rows,
+        "label_matches_target": total["label_matches_target"] / rows,
+        "label_agrees_with_evaluator": total["label_agrees_with_evaluator"] / rows,
+        "accepted_label_agrees_with_evaluator": total["accepted_label_agrees"] / total["accepted"]
+        if total["accepted"] else float("nan"),
+        "label_confidence": total["label_confidence"] / rows,
+        "evaluator_confidence": total["evaluator_confidence"] / rows,
+        "diversity": diversity_from_sums({c: (v["rows"], v["unit_sum"]) for c, v in per_class.items()}),
     }
 
 
-def within_class_diversity(embeddings: np.ndarray, labels: np.ndarray) -> float:
-    """Mean pairwise cosine distance of embeddings within each class, averaged over classes (0 = all alike)."""
-    values = []
-    for name in dict.fromkeys(labels.tolist()):
-        rows = embeddings[labels == name]
-        if len(rows) < 2:
-            continue
-        unit = rows / np.clip(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12, None)
-        similarity = unit @ unit.T
-        n = len(rows)
-        values.append(float((n * n - similarity.sum()) / (n * (n - 1))))
+def diversity_from_sums(by_class: dict[str, tuple[int, np.ndarray]]) -> float:
+    """Mean pairwise cosine distance within each class, averaged over classes (0 = all alike), from each
+    class's count n and sum S of unit embeddings: sum of all cosine similarities = |S|^2."""
+    values = [float((n * n - np.dot(total, total)) / (n * (n - 1))) for n, total in by_class.values() if n >= 2]
     return float(np.mean(values)) if values else float("nan")
+
+
+def within_class_diversity(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """:func:`diversity_from_sums` over rows held in memory."""
+    unit = embeddings / np.clip(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12, None)
+    return diversity_from_sums({name: (int((labels == name).sum()), unit[labels == name].sum(axis=0))
+                                for name in dict.fromkeys(labels.tolist())})
 
 
 # --- downstream ------------------------------------------------------------------------------
@@ -289,7 +332,6 @@ def _check_inputs(study: StudyConfig) -> None:
 
 def run_study(study: StudyConfig) -> dict[str, Any]:
     from synfer_ray.bundle import BundleManifest
-    from synfer_ray.classifiers import load_classifier
     from synfer_ray.pipeline import ensure_ray
     from synfer_ray.tracking import start_run
     from synfer_ray.train.fer import run_train  # noqa: F401  (import errors surface before Ray starts)
@@ -315,13 +357,12 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
         results["generator"], results["labeler"] = generator, labeler
         classes = BundleManifest.read(Path(bundles["generator"])).classes
         count = study.generation.per_class * len(classes)
-        evaluator = load_classifier(evaluator_info["model"], field="evaluator")
         results["conditions"] = {}
         for condition in study.generation.conditions:
             config = condition_config(study, condition, bundles, guide["model"], count, study.generation.seed,
                                       str(output / "pending"), tracking)
             made = generation_stage(f"generate-{condition}", config, cache)
-            results["conditions"][condition] = {**made, **score_dataset(made["dataset"], evaluator, classes)}
+            results["conditions"][condition] = {**made, **score_dataset(made["dataset"], evaluator_info["model"], classes)}
         downstream = study.downstream
         synthetic_count = max(downstream.multiples) * downstream.real_rows
         synthetic_config = condition_config(study, downstream.condition, bundles, guide["model"],
