@@ -5,7 +5,7 @@
 The generator is the real pipeline (manifest -> GenerateShard actors -> LabelShard actors ->
 WriteShard actors -> card and report) with a generator cheap enough for 10^6 rows on 2 cores: a
 tiny random-weight SD-layout bundle at 16x16 (4x4 latents), 1 DDIM step, CFG and SG off, labelled
-by the bundle's tiny guide (tau 0.3). Shard sizes are the default (``rows_per_shard`` null).
+by the bundle's tiny guide (tau 0: its random weights are never confident, so every row is accepted). Shard sizes are the default (``rows_per_shard`` null).
 
 For each size, ``synfer generate`` runs as its own driver process (so its peak RSS is its own):
 rows/s end to end (Ray start included), the driver's peak RSS, the time to finish (index, report,
@@ -68,7 +68,7 @@ def generate_config(bundle: Path, output: Path, rows: int) -> dict:
     return {
         "bundle": str(bundle), "output": str(output), "count": rows, "seed": 0,
         "sampling": {"steps": 1, "cfg_scale": 1.0, "sg_scale": 0.0},
-        "labeling": {"voters": [{"path": str(bundle / "sg_classifier"), "name": "guide"}], "tau": 0.3},
+        "labeling": {"voters": [{"path": str(bundle / "sg_classifier"), "name": "guide"}], "tau": 0.0},
         "generator": {"min_actors": 2, "max_actors": 2, "num_cpus": 1, "batch_size": 512, "torch_threads": 1},
         "labeler": {"min_actors": 1, "max_actors": 1, "num_cpus": 0.5, "batch_size": 512},
         "ray": {"num_cpus": 4}, "tracking": {"enabled": False},

@@ -1,7 +1,7 @@
 """A real multi-node Ray cluster on one Linux machine: each node a host of its own in a network namespace.
 
-    python cluster/local/netns_cluster.py up --nodes 3 --state /tmp/sr1/state.json
-    python cluster/local/netns_cluster.py down --state /tmp/sr1/state.json
+    python cluster/local/netns_cluster.py up --nodes 3      # prints the state file, addresses, token file
+    python cluster/local/netns_cluster.py down --state /tmp/srXXXX/state.json
 
 Namespaces are joined by veth pairs to a bridge in the root namespace; addresses come from the
 benchmarking range 198.18.0.0/15 (never a real network; no route leaves the machine). Node 0 is
@@ -9,7 +9,8 @@ the head. Every node runs ``ray start`` with token auth, its own ``--temp-dir`` 
 resources (``--num-cpus``, custom resources such as a fake ``accelerator``); all share one
 storage directory for outputs and checkpoints, as an NFS mount would on a real cluster. A node is
 lost by SIGKILLing every process in its namespace. ``down`` removes everything named in the state
-file and is safe to repeat, also after a failed run. Needs root and iproute2.
+file and is safe to repeat, also after a failed run. The state file and ``auth_token`` (the token
+alone, for ``RAY_AUTH_TOKEN_PATH``) are mode 0600 in a 0700 directory. Needs root and iproute2.
 """
 
 from __future__ import annotations
@@ -84,8 +85,16 @@ class LocalCluster:
         env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_ADDRESS": self.gcs_address})
         return env
 
+    @property
+    def token_file(self) -> Path:
+        """The token alone (mode 0600), for clients that read ``RAY_AUTH_TOKEN_PATH``."""
+        return Path(self.root) / "auth_token"
+
     def save(self) -> None:
-        Path(self.state_file).write_text(json.dumps(asdict(self), indent=2))
+        """Write the state file and the token file, both readable by root only (they hold the token)."""
+        private_directory(self.root)
+        write_private(self.state_file, json.dumps(asdict(self), indent=2))
+        write_private(self.token_file, self.token)
 
     @classmethod
     def load(cls, state_file: str | Path) -> "LocalCluster":
@@ -150,6 +159,20 @@ class LocalCluster:
         raise TimeoutError(f"{alive} live nodes not reached in {timeout} s (last: {last})")
 
 
+def private_directory(path: str | Path) -> None:
+    """Create ``path`` (or take an existing one) with mode 0700: the cluster's token lives in it."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def write_private(path: str | Path, text: str) -> None:
+    """Write ``text`` to a file with mode 0600 from its first byte (also when the file was there)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an existing file keeps its old mode through os.open
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
 def _ip(*args: str, check: bool = True) -> None:
     result = subprocess.run(["ip", *args], capture_output=True, text=True)
     if check and result.returncode != 0:
@@ -166,7 +189,7 @@ def up(nodes: int = 3, cpus: list[int] | None = None, resources: list[dict] | No
     name = f"sr{tag}"
     subnet = subnet if subnet is not None else int(tag, 16) % 200 + 20
     root = root or f"/tmp/{name}"
-    Path(root).mkdir(parents=True, exist_ok=True)
+    private_directory(root)
     cpus = cpus or [1] + [2] * (nodes - 1)
     resources = resources or [{}] + [{"accelerator": 1}] * (nodes - 1)
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -234,7 +257,8 @@ def main() -> None:
         cluster = up(args.nodes, args.cpus)
         print(json.dumps({"state": cluster.state_file, "address": cluster.gcs_address,
                           "dashboard": cluster.dashboard_url, "shared": cluster.shared,
-                          "env": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token}}, indent=2))
+                          "env": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token_file)}},
+                         indent=2))
     else:
         down(args.state)
 
