@@ -394,7 +394,8 @@ class ServeConfig(_Strict):
     max_batch_size: int = Field(8, ge=1)  # rows sampled together across concurrent requests
     batch_wait_timeout_s: float = Field(0.05, ge=0)
     request_timeout_s: float = Field(120, gt=0)
-    api_key_env: str | None = None  # name of an env var holding the key; unset = no key required
+    max_body_bytes: int = Field(64 * 1024, ge=1024)  # a bigger request body gets 413 before it is parsed
+    api_key_env: str | None = None  # env var holding the key; set but missing: refuses to start
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
     resources: dict[str, float] = {}  # custom Ray resources per replica

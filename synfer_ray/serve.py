@@ -2,25 +2,33 @@
 
     POST /v1/generate     expression, AUs, prompt, seed, n, steps, scales -> PNGs + label probabilities
     GET  /v1/expressions  classes, AU names, per-class prototype AUs, limits
-    GET  /healthz         liveness and the bundle hash
-    GET  /                a small page to try it in a browser
+    GET  /healthz         liveness, the bundle hash and the replica's row counters
+    GET  /                a page to tune faces in a browser (static/index.html)
 
 Rows of concurrent requests are sampled together (``@serve.batch``) up to ``max_batch_size``. A
 request served alone is sampled exactly as ``synfer generate-one`` samples it, so it returns the
 same bytes; batched with other requests a pixel may differ by float rounding (1/255 at most seen).
-Ray's token auth does not cover Serve's HTTP port: set ``api_key_env`` to require ``X-API-Key``.
+
+The replica fails closed: with ``api_key_env`` set it refuses to start unless that variable holds a
+key, and then every generate request must carry it in ``X-API-Key`` (Ray's token auth does not
+cover Serve's HTTP port); a body over ``max_body_bytes`` gets 413 before anything parses it; a
+request past ``request_timeout_s`` gets 504 and its rows not yet sampled are dropped.
 """
 
 
 import asyncio
 import base64
+import hmac
+import math
 import os
 from collections import defaultdict
 from importlib import resources
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 
@@ -75,10 +83,113 @@ def _unprocessable(field: str, message: str) -> HTTPException:
                                                    "type": "value_error"}])
 
 
-def _check_api_key(request: Request) -> None:
-    expected = getattr(request.app.state, "api_key", None)
-    if expected and request.headers.get("x-api-key") != expected:
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    # FastAPI's own 422, except that a NaN or Infinity (which JSON parsing accepts) echoed back in
+    # an error's input would make the reply unencodable, a 500: it is echoed as text instead.
+    return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(error.errors()))})
+
+
+def api_key(config: ServeConfig) -> bytes | None:
+    """The key a generate request must carry, or None where ``api_key_env`` is unset. A configured
+    variable that is unset or empty raises: serving without the key would let every request in."""
+    if not config.api_key_env:
+        return None
+    key = os.environ.get(config.api_key_env)
+    if not key:
+        raise SynferError("api_key_env", config.api_key_env,
+                          f"the name of an environment variable holding the API key; {config.api_key_env} "
+                          "is unset or empty where the replica runs (set it, or remove api_key_env to serve "
+                          "without a key)")
+    return key.encode()
+
+
+def _replica() -> "SynferGenerator":
+    # The FastAPI app is a frozen copy per replica (serve.ingress); the replica object holds the config.
+    return serve.get_replica_context().servable_object
+
+
+async def _check_api_key(request: Request) -> None:
+    expected = _replica().api_key
+    if expected is None:
+        return
+    # Starlette decodes header bytes as latin-1, so this gives back the bytes the client sent;
+    # compare_digest takes as long for a near miss as for a wild guess.
+    given = request.headers.get("x-api-key", "").encode("latin-1")
+    if not hmac.compare_digest(given, expected):
         raise HTTPException(status_code=401, detail="missing or wrong X-API-Key header")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over the replica's ``max_body_bytes`` gets 413 before any of it
+    is parsed, whether it declares its size (Content-Length) or streams it (chunked); a body within
+    the cap is read here and handed on whole.
+
+    Serve's proxy still takes in what the client sends (it queues it for the replica); a hard cap
+    on what reaches the cluster belongs in the load balancer in front."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = _replica().config.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await self._too_large(limit, scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nobody to answer
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._too_large(limit, scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect, whenever it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(limit: int, scope, receive, send) -> None:
+        reply = JSONResponse({"detail": f"request body over {limit} bytes (the server's max_body_bytes)"},
+                             status_code=413)
+        await reply(scope, receive, send)
+
+
+api.add_middleware(BodyLimit)  # before @serve.ingress freezes the app
+
+
+class _Ticket:
+    """One request's claim on the sampler: how many of its rows have started, and whether it gave up."""
+
+    def __init__(self):
+        self.started = 0
+        self.released = False
 
 
 @serve.ingress(api)
@@ -92,6 +203,7 @@ class SynferGenerator:
         from synfer_ray.generator.sampler import GuidedSampler
         from synfer_ray.labeler.ensemble import PseudoLabeler, Voter, load_voters
         self.config = build_config(ServeConfig, config)
+        self.api_key = api_key(self.config)  # first: a replica that would fail open does not start
         torch.set_num_threads(self.config.torch_threads)
         from synfer_ray.precision import device_for, resolve
         device = device_for(self.config.num_gpus)
@@ -105,23 +217,78 @@ class SynferGenerator:
         self.labeler = PseudoLabeler(voters, self.bundle.classes)
         self._sample.set_max_batch_size(self.config.max_batch_size)
         self._sample.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-        api.state.api_key = os.environ.get(self.config.api_key_env) if self.config.api_key_env else None
+        # Rows of live requests waiting for the sampler; rows handed to it; rows dropped because
+        # their request timed out or went away first (reported by /healthz).
+        self.rows_queued = self.rows_sampled = self.rows_released = 0
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _sample(self, items: list[tuple[Any, Any]]) -> list[Any]:
+    async def _sample(self, items: list[tuple[Any, Any, _Ticket]]) -> list[Any]:
         """Rows from any requests; rows sharing settings are sampled as one batch, in arrival order."""
         groups: dict[Any, list[int]] = defaultdict(list)
-        for index, (_, settings) in enumerate(items):
+        for index, (_, settings, _) in enumerate(items):
             groups[settings].append(index)
         results: list[Any] = [None] * len(items)
         loop = asyncio.get_running_loop()
         for settings, indices in groups.items():
-            rows = [items[i][0] for i in indices]
+            # A request that gave up while an earlier group was sampling gets no further rows started.
+            indices = [i for i in indices if not items[i][2].released]
+            if not indices:
+                continue
+            for i in indices:
+                items[i][2].started += 1
+            self.rows_queued -= len(indices)
+            self.rows_sampled += len(indices)
             # In a thread, so /healthz and request parsing stay responsive while sampling.
-            images = await loop.run_in_executor(None, self.sampler.generate, rows, settings)
+            images = await loop.run_in_executor(None, self.sampler.generate, [items[i][0] for i in indices],
+                                                settings)
             for i, image in zip(indices, images):
                 results[i] = image
         return results
+
+    async def _sample_rows(self, rows: list[Any], settings: Any) -> list[Any]:
+        """The rows' images through the shared batch queue, or 504 after ``request_timeout_s``.
+
+        What a request that times out, or is cancelled (its client went away, Serve's own timeout),
+        releases: its rows still in the batch queue are dropped before a batch takes them (Ray's
+        @serve.batch skips calls whose caller was cancelled), and so are its rows in a later
+        settings group of a batch already running (``_sample`` reads the ticket before each group).
+        Rows already handed to the sampler finish, since a batch is one tensor that may hold other
+        requests' rows, and their images are thrown away. Labelling and PNG encoding never start.
+        """
+        ticket = _Ticket()
+        self.rows_queued += len(rows)
+        work = asyncio.gather(*[self._sample((row, settings, ticket)) for row in rows])
+        done: set = set()
+        try:
+            done, _ = await asyncio.wait([work], timeout=self.config.request_timeout_s)
+        finally:
+            if not work.done():
+                # No await between marking the ticket and cancelling: no group can start in between.
+                ticket.released = True
+                work.cancel()
+                released = len(rows) - ticket.started
+                self.rows_queued -= released
+                self.rows_released += released
+        if not done:
+            raise HTTPException(status_code=504, detail=f"generation took longer than the server's "
+                                                        f"request_timeout_s ({self.config.request_timeout_s} s)")
+        return work.result()
+
+    def _encode_and_label(self, images: list[Any], png_only: bool) -> tuple[list[bytes], list[tuple[str, dict]]]:
+        """PNG bytes of each image, and (label, probabilities) from the voters' weighted vote as in
+        ``generate`` (none without voters, or for a PNG reply)."""
+        import numpy as np
+
+        from synfer_ray.images import png_bytes
+        from synfer_ray.labeler.rectify import rectify
+        pngs = [png_bytes(image) for image in images]
+        if png_only or not self.labeler.voters:
+            return pngs, []
+        votes = self.labeler.probabilities(np.stack(images))
+        result = rectify(votes, [voter.weight for voter in self.labeler.voters], self.labeler.tau)
+        classes = self.bundle.classes
+        return pngs, [(classes[int(index)], dict(zip(classes, map(float, soft))))
+                      for index, soft in zip(result.label_index, result.soft_label)]
 
     def _rows(self, request: GenerateRequest):
         from synfer_ray.generate_one import expression_requests
@@ -150,22 +317,13 @@ class SynferGenerator:
     @api.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(_check_api_key)],
               responses={200: {"content": {"image/png": {}}, "description": "JSON, or PNG when format is 'png'"}})
     async def generate(self, request: GenerateRequest):
-        from synfer_ray.images import png_bytes
         target, rows, settings = self._rows(request)
-        try:
-            images = await asyncio.wait_for(asyncio.gather(*[self._sample((row, settings)) for row in rows]),
-                                            timeout=self.config.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise HTTPException(status_code=504, detail="generation took longer than the request timeout")
-        pngs = [png_bytes(image) for image in images]
+        images = await self._sample_rows(rows, settings)
+        # Off the event loop: the labeler's forward passes would stall /healthz and other requests.
+        pngs, labelled = await asyncio.get_running_loop().run_in_executor(
+            None, self._encode_and_label, images, request.format == "png")
         if request.format == "png":
             return Response(content=pngs[0], media_type="image/png")
-        labelled = []
-        if self.labeler.voters:
-            import numpy as np
-            probabilities = self.labeler.probabilities(np.stack(images)).mean(axis=0)
-            labelled = [(self.bundle.classes[int(p.argmax())], dict(zip(self.bundle.classes, map(float, p))))
-                        for p in probabilities]
         return GenerateResponse(
             expression=target, aus=dict(zip(self.bundle.au_names, map(float, rows[0].aus))),
             bundle_hash=self.bundle.content_hash, settings=settings.__dict__,
@@ -188,8 +346,9 @@ class SynferGenerator:
                 "labeler": [v.name for v in self.labeler.voters]}
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "bundle_hash": self.bundle.content_hash}
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "bundle_hash": self.bundle.content_hash,
+                "rows": {"queued": self.rows_queued, "sampled": self.rows_sampled, "released": self.rows_released}}
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:
@@ -216,8 +375,11 @@ def app_builder(args: dict[str, Any]):
 
 
 def run_serve(config: ServeConfig, blocking: bool = True) -> str:
-    """Start Serve on ``config.host:port`` and deploy; return the base URL."""
+    """Start Serve on ``config.host:port`` and deploy; return the base URL. A configured API key
+    whose variable is unset here raises before anything starts (replicas started by this driver
+    inherit its environment; each replica checks again)."""
     from synfer_ray.pipeline import ensure_ray
+    api_key(config)
     ensure_ray(config.ray)
     serve.start(http_options={"host": config.host, "port": config.port,
                               "request_timeout_s": config.request_timeout_s})
