@@ -9,7 +9,9 @@ Layout (every component loads on its own with ``from_pretrained``)::
 
 ``base_model`` lets a bundle hold only the adapter and name the SD weights elsewhere (a hub id
 such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or a path): the loading code is the same.
-Weights are read only as safetensors; nothing is unpickled.
+Weights are read only as safetensors; nothing is unpickled. ``make_random_bundle`` writes SD 1.5's
+or 2.1's exact architecture and configs with random weights (no download), so tests and benchmarks
+run the real networks.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from synfer_ray.generator.au_adapter import AUAdapter, install_au_adapter
 
 MANIFEST_NAME = "synfer_bundle.json"
 FORMAT_VERSION = 1
-_HINT = "a bundle directory made by `synfer bundle make-tiny` or `synfer bundle init`"
+_HINT = "a bundle directory made by `synfer bundle make-random`, `make-tiny` or `init`"
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,9 @@ def _versions() -> dict[str, str]:
             "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
-def _load_component(loader, source: str, subfolder: str, **kwargs):
+def _load_component(loader, source: str, subfolder: str, method: str = "from_pretrained", **kwargs):
     try:
-        return loader.from_pretrained(source, subfolder=subfolder, **kwargs)
+        return getattr(loader, method)(source, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, RuntimeError, EnvironmentError) as error:
         raise SynferError(f"bundle/{subfolder}", source,
                           f"{_HINT}, or a diffusers SD path or hub id with a loadable '{subfolder}' "
@@ -268,9 +270,19 @@ def new_bundle_version(source: str | Path, target: str | Path, replace: dict[str
 
 def init_bundle(path: str | Path, base_model: str, classes: Sequence[str] = taxonomy.AFFECTNET_7,
                 au_names: Sequence[str] = taxonomy.FINEFACE_12, n_tokens: int = 4,
-                resolution: int = 512) -> BundleManifest:
-    """A bundle over existing SD weights (hub id or path) with a fresh, untrained AU adapter."""
+                resolution: int | None = None) -> BundleManifest:
+    """A bundle over existing SD weights (hub id or path) with a fresh, untrained AU adapter.
+
+    A local base is recorded by its absolute path (Ray workers do not share the caller's working
+    directory). ``resolution`` defaults to what the base generates: its UNet's sample size times
+    the VAE's downsampling (512 for SD 1.5, 768 for SD 2.1).
+    """
+    if Path(base_model).is_dir():
+        base_model = str(Path(base_model).resolve())
     unet = _load_component(UNet2DConditionModel, base_model, "unet", use_safetensors=True)
+    if resolution is None:
+        vae_config = _load_component(AutoencoderKL, base_model, "vae", method="load_config")
+        resolution = unet.config.sample_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     adapter = AUAdapter.for_unet(unet, list(au_names), n_tokens=n_tokens)
@@ -311,11 +323,15 @@ def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list
     return symbols
 
 
-def build_tiny_tokenizer(words: Sequence[str]) -> CLIPTokenizer:
+def build_tiny_tokenizer(words: Sequence[str], vocab_size: int | None = None,
+                         pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A CLIP BPE tokenizer made offline: all bytes, plus merges that spell each word as one token.
 
     Each word gets merges appended after the existing ones, so earlier words keep their single
-    token (BPE always tries lower-ranked merges first).
+    token (BPE always tries lower-ranked merges first). With ``vocab_size`` (CLIP's 49408), filler
+    merges of two characters, ranked after every word's, pad the vocabulary to that size, so that
+    ``<|startoftext|>`` and ``<|endoftext|>`` get real CLIP's ids (49406, 49407) and an SD text
+    encoder's embedding table fits it exactly.
     """
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
@@ -325,10 +341,25 @@ def build_tiny_tokenizer(words: Sequence[str]) -> CLIPTokenizer:
             symbols = [symbols[0] + symbols[1]] + symbols[2:]
     merges = list(ranks)
     base = list(_bytes_to_unicode().values())
-    tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges]
+    tokens = list(dict.fromkeys(base + [b + "</w>" for b in base] + ["".join(m) for m in merges]))
+    if vocab_size is not None:
+        known = set(tokens)
+        needed = vocab_size - 2 - len(tokens)
+        if needed < 0:
+            raise SynferError("vocab_size", vocab_size, f">= {len(tokens) + 2} (bytes, words and the two specials)")
+        fillers = ((first, second + end) for first in base for second in base for end in ("", "</w>"))
+        for pair in fillers:
+            if needed == 0:
+                break
+            token = "".join(pair)
+            if token not in known:
+                merges.append(pair)
+                tokens.append(token)
+                known.add(token)
+                needed -= 1
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
 
 
 def _prompt_words() -> list[str]:
@@ -398,8 +429,10 @@ def new_generator(architecture: GeneratorArchitecture, seed: int = 0) -> Generat
 
 def make_tiny_bundle(path: str | Path, seed: int = 0, resolution: int = 48,
                      classes: Sequence[str] = taxonomy.AFFECTNET_7,
-                     au_names: Sequence[str] = taxonomy.FINEFACE_12) -> BundleManifest:
-    """A small random-weight bundle in the real layout; the same arguments give the same bytes."""
+                     au_names: Sequence[str] = taxonomy.FINEFACE_12,
+                     dtype: torch.dtype = torch.float32) -> BundleManifest:
+    """A small random-weight bundle in the real layout; the same arguments give the same bytes.
+    ``dtype`` is how the weights are stored (``load_bundle`` computes in fp32 either way)."""
     if resolution % 4:
         raise SynferError("resolution", resolution, "a multiple of 4 (the tiny VAE downsamples by 4)")
     au_set = next((name for name, names in taxonomy.AU_SETS.items() if tuple(names) == tuple(au_names)), None)
@@ -407,4 +440,97 @@ def make_tiny_bundle(path: str | Path, seed: int = 0, resolution: int = 48,
         raise SynferError("au_names", list(au_names), f"one of the AU sets {sorted(taxonomy.AU_SETS)}")
     parts = new_generator(GeneratorArchitecture(resolution=resolution, au_set=au_set, **TINY_ARCHITECTURE), seed)
     classifier = tiny_resnet(list(classes), image_size=resolution, seed=seed + 4)
+    for module in (parts.unet, parts.vae, parts.text_encoder, parts.au_adapter, classifier):
+        module.to(dtype)
     return parts.save(path, classes, resolution, sg_classifier=classifier)
+
+
+# --- Stable Diffusion architectures with random weights ------------------------------------------
+# The component configs of the real checkpoints, as data, so that benchmarks and tests run the real
+# architecture without downloading it: stable-diffusion-v1-5 (runwayml) and stabilityai's
+# stable-diffusion-2-1. Fields left out take the diffusers/transformers defaults, as there.
+
+_SD_UNET = dict(
+    in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32)
+_SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, act_fn="silu",
+    norm_num_groups=32, scaling_factor=0.18215)
+_SD_TEXT = dict(vocab_size=49408, max_position_embeddings=77, attention_dropout=0.0, dropout=0.0,
+                initializer_factor=1.0, initializer_range=0.02, layer_norm_eps=1e-5,
+                bos_token_id=0, eos_token_id=2, pad_token_id=1)  # as the real configs say (legacy ids)
+_SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    trained_betas=None, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
+                    steps_offset=1)
+
+SD_ARCHITECTURES: dict[str, dict] = {
+    "sd15": dict(
+        resolution=512,
+        unet={**_SD_UNET, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
+        vae={**_SD_VAE, "sample_size": 512},
+        text_encoder={**_SD_TEXT, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                      "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768},
+        scheduler=("PNDMScheduler", {**_SD_SCHEDULE, "prediction_type": "epsilon"}),
+        pad_token="<|endoftext|>"),
+    "sd21": dict(
+        resolution=768,
+        unet={**_SD_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+              "use_linear_projection": True, "upcast_attention": True, "dual_cross_attention": False,
+              "only_cross_attention": False, "num_class_embeds": None},
+        vae={**_SD_VAE, "sample_size": 768},
+        text_encoder={**_SD_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                      "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512},
+        scheduler=("DDIMScheduler", {**_SD_SCHEDULE, "prediction_type": "v_prediction"}),
+        pad_token="!"),  # OpenCLIP pads with "!" (id 0)
+}
+ARCHITECTURES = ("sd15", "sd21", "tiny")
+
+
+def make_random_bundle(path: str | Path, arch: str, resolution: int | None = None, seed: int = 0,
+                       dtype: torch.dtype = torch.float16, classes: Sequence[str] = taxonomy.AFFECTNET_7,
+                       au_names: Sequence[str] = taxonomy.FINEFACE_12) -> BundleManifest:
+    """A bundle with the exact layout and component configs of ``arch`` (sd15, sd21, or our tiny one)
+    and random weights (PyTorch's own initialisation, seeded), stored as ``dtype``.
+
+    ``resolution`` sets the manifest's resolution and the UNet's ``sample_size`` (resolution / 8);
+    the weights do not depend on it. The tokenizer is made offline with CLIP's 49408 entries.
+    """
+    import diffusers
+
+    if arch == "tiny":
+        return make_tiny_bundle(path, seed=seed, resolution=resolution or 48, classes=classes,
+                                au_names=au_names, dtype=dtype)
+    if arch not in SD_ARCHITECTURES:
+        raise SynferError("arch", arch, f"one of {list(ARCHITECTURES)}")
+    spec = SD_ARCHITECTURES[arch]
+    resolution = resolution or spec["resolution"]
+    if resolution % 64:
+        raise SynferError("resolution", resolution, f"a multiple of 64 for {arch} (the VAE and the UNet "
+                                                    "each downsample by 8)")
+    tokenizer = build_tiny_tokenizer(_prompt_words(), vocab_size=spec["text_encoder"]["vocab_size"],
+                                     pad_token=spec["pad_token"])
+    scheduler_class, scheduler_config = spec["scheduler"]
+    scheduler = getattr(diffusers, scheduler_class).from_config(scheduler_config)
+    # Initialised in ``dtype`` itself: casting SD's 860M-parameter UNet afterwards takes longer on
+    # CPU than initialising it, and fp32 copies of everything would double the memory.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL.from_config(spec["vae"])
+        torch.manual_seed(seed + 2)
+        unet = UNet2DConditionModel.from_config({**spec["unet"], "sample_size": resolution // 8})
+        torch.manual_seed(seed + 3)
+        adapter = AUAdapter.for_unet(unet, list(au_names))
+        classifier = tiny_resnet(list(classes), image_size=resolution, seed=seed + 4)
+    finally:
+        torch.set_default_dtype(previous)
+    return save_bundle(path, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                       scheduler=scheduler, au_adapter=adapter, classes=classes, resolution=resolution,
+                       sg_classifier=classifier)

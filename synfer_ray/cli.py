@@ -42,13 +42,40 @@ def bundle_make_tiny(
     typer.echo(f"wrote {path} (content hash {manifest.content_hash[:16]})")
 
 
+@bundle_app.command("make-random")
+def bundle_make_random(
+    path: Path = typer.Argument(..., help="Directory to write the bundle into."),
+    arch: str = typer.Option(..., help="sd15 (Stable Diffusion 1.5), sd21 (2.1, v-prediction) or tiny."),
+    resolution: Optional[int] = typer.Option(None, help="Image size (default: 512 sd15, 768 sd21, 48 tiny)."),
+    seed: int = typer.Option(0, help="Weight seed; the same seed gives the same bytes."),
+    dtype: str = typer.Option("fp16", help="How the weights are stored: fp16 or fp32 (loading computes in fp32)."),
+    expressions: str = typer.Option("affectnet7", help="Class set: affectnet7 or affectnet8."),
+    au_set: str = typer.Option("fineface12", help="AU names: fineface12 or opengraphau41."),
+) -> None:
+    """Write a random-weight bundle with the real architecture and configs of SD 1.5 or 2.1 (or tiny)."""
+    import torch
+
+    from synfer_ray import taxonomy
+    from synfer_ray.bundle import make_random_bundle
+    types = {"fp16": torch.float16, "fp32": torch.float32}
+    try:
+        if dtype not in types:
+            raise SynferError("--dtype", dtype, "fp16 or fp32")
+        manifest = make_random_bundle(path, arch, resolution=resolution, seed=seed, dtype=types[dtype],
+                                      classes=taxonomy.expression_set(expressions), au_names=taxonomy.au_set(au_set))
+    except SynferError as error:
+        _fail(error)
+    typer.echo(f"wrote {path} ({arch} at {manifest.resolution}px, content hash {manifest.content_hash[:16]})")
+
+
 @bundle_app.command("init")
 def bundle_init(
     path: Path = typer.Argument(..., help="Directory to write the bundle into."),
     base: str = typer.Option(..., help="Stable Diffusion weights: a hub id or a diffusers directory."),
     expressions: str = typer.Option("affectnet7", help="Class set: affectnet7 or affectnet8."),
     au_set: str = typer.Option("fineface12", help="AU names: fineface12 or opengraphau41."),
-    resolution: int = typer.Option(512, help="Image size the base model generates."),
+    resolution: Optional[int] = typer.Option(None, help="Image size (default: what the base generates, "
+                                                         "UNet sample size x VAE factor)."),
 ) -> None:
     """Start a bundle over existing SD weights with a fresh (untrained) AU adapter."""
     from synfer_ray import taxonomy

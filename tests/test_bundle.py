@@ -107,3 +107,31 @@ def test_fp16_export_halves_the_weights_loads_in_fp32_and_samples_alike(tiny_bun
     a = GuidedSampler(half).generate(request, settings).astype(int)
     b = GuidedSampler(full).generate(request, settings).astype(int)
     assert np.abs(a - b).max() <= 8  # fp16 rounding of the weights only
+
+
+def test_clip_sized_tokenizer_has_clips_size_special_ids_and_whole_prompt_words():
+    from synfer_ray.bundle import _prompt_words, build_tiny_tokenizer
+    tokenizer = build_tiny_tokenizer(_prompt_words(), vocab_size=49408)
+    assert len(tokenizer) == 49408
+    assert tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"]) == [49406, 49407]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (49406, 49407, 49407)
+    prompt = taxonomy.build_prompt(3, "happy")
+    assert len(tokenizer.tokenize(prompt)) == len(prompt.replace(",", " ,").replace("-", " - ").split())
+    assert tokenizer("a happy smile").input_ids[0] == 49406 and tokenizer("a happy smile").input_ids[-1] == 49407
+    assert len(tokenizer("a happy smile").input_ids) == 5
+    assert build_tiny_tokenizer(_prompt_words(), vocab_size=49408, pad_token="!").pad_token_id == 0  # SD 2.x
+    with pytest.raises(SynferError, match="vocab_size"):
+        build_tiny_tokenizer(_prompt_words(), vocab_size=600)
+
+
+def test_make_random_tiny_is_make_tiny_stored_in_fp16_by_default(tmp_path, tiny_bundle_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from synfer_ray.bundle import make_random_bundle
+    same = make_random_bundle(tmp_path / "fp32", "tiny", dtype=torch.float32)
+    assert same.content_hash == BundleManifest.read(tiny_bundle_path).content_hash
+    half = make_random_bundle(tmp_path / "fp16", "tiny")
+    weights = load_file(tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert half.content_hash != same.content_hash and {t.dtype for t in weights.values()} == {torch.float16}
+    load_bundle(tmp_path / "fp16")  # the hash verifies and the weights load into fp32

@@ -141,3 +141,140 @@ def test_generate_one_and_a_finished_run_refusal(trained_generator, tmp_path):
     assert len(list((tmp_path / "looks").glob("*.png"))) == 2
     again = CliRunner().invoke(app, ["train-generator", "--config", "tiny-generator", f"output={output}"])
     assert again.exit_code == 2 and "this run is done" in again.output
+
+
+# --- LoRA, precision and v-prediction (the GPU production path, checked on CPU) ----------------------
+
+def test_merge_lora_is_w_plus_scaled_b_times_a():
+    from synfer_ray.train.diffusion import merge_lora
+    weights = {"layer.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), "other.bias": torch.ones(2)}
+    lora = {"layer.lora_A.weight": torch.tensor([[1.0, -1.0]]),  # rank 1: (r, in)
+            "layer.lora_B.weight": torch.tensor([[2.0], [0.0], [1.0]])}  # (out, r)
+    merged = merge_lora(weights, lora, scale=0.5)
+    assert torch.equal(merged["layer.weight"], torch.tensor([[2.0, 1.0], [3.0, 4.0], [5.5, 5.5]]))
+    assert merged["other.bias"] is weights["other.bias"]
+    with pytest.raises(SynferError, match="lora_A and lora_B"):
+        merge_lora(weights, {"missing.lora_A.weight": torch.ones(1, 2), "missing.lora_B.weight": torch.ones(3, 1)}, 1.0)
+
+
+def stock_unet(parts):
+    """A copy of the module's UNet with diffusers' own attention (other tests install the AU adapter)."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    unet = copy.deepcopy(parts.unet)
+    unet.set_attn_processor(AttnProcessor2_0())
+    return unet
+
+
+def test_lora_unet_merges_into_a_plain_unet_that_computes_the_same(parts):
+    """peft's LoRA on the real UNet: the checkpoint state round-trips, and the merged plain UNet
+    computes what the LoRA-wrapped one does (the text path; the AU path: the next test)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from synfer_ray.generator.au_adapter import stock_attention
+    from synfer_ray.train.diffusion import add_lora, merge_lora
+    unet, plain, original = stock_unet(parts), stock_unet(parts), stock_unet(parts)
+    add_lora(unet, rank=4, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0"))
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at zero; make the LoRA do something
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    lora = get_peft_model_state_dict(unet)
+    again = stock_unet(parts)
+    add_lora(again, rank=4, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0"))
+    set_peft_model_state_dict(again, lora)  # what a resumed worker does
+    assert all(torch.equal(v, get_peft_model_state_dict(again)[k]) for k, v in lora.items())
+    with stock_attention(unet):
+        base = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if ".lora_" not in k}
+    plain.load_state_dict(merge_lora(base, lora, scale=8.0 / 4), strict=True)
+    latents, t, context = torch.randn(2, 4, 12, 12), torch.tensor([10, 500]), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        assert torch.allclose(unet(latents, t, context).sample, plain(latents, t, context).sample, atol=1e-4)
+        assert not torch.allclose(original(latents, t, context).sample, plain(latents, t, context).sample,
+                                  atol=1e-3)
+
+
+def test_au_attention_sees_the_lora_of_to_out(parts):
+    import copy
+
+    from peft import get_peft_model_state_dict
+
+    from synfer_ray.generator.au_adapter import install_au_adapter, stock_attention
+    from synfer_ray.train.diffusion import add_lora, merge_lora
+    unet, plain = stock_unet(parts), stock_unet(parts)
+    adapter = copy.deepcopy(parts.au_adapter)
+    add_lora(unet, rank=4, alpha=8.0, targets=("to_out.0",))
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    with stock_attention(unet):
+        base = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if ".lora_" not in k}
+    plain.load_state_dict(merge_lora(base, get_peft_model_state_dict(unet), scale=2.0))
+    install_au_adapter(unet, adapter)
+    install_au_adapter(plain, adapter)
+    latents, t, context = torch.randn(2, 4, 12, 12), torch.tensor([10, 500]), torch.randn(2, 81, 64)
+    with torch.no_grad():
+        a = unet(latents, t, context, cross_attention_kwargs={"au_scale": 1.0}).sample
+        b = plain(latents, t, context, cross_attention_kwargs={"au_scale": 1.0}).sample
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_bf16_autocast_step_on_cpu_is_finite_and_fp16_on_cpu_is_refused(parts):
+    import copy
+
+    from diffusers import DDIMScheduler
+
+    from synfer_ray.generator.au_adapter import install_au_adapter
+    from synfer_ray.train.diffusion import MixedPrecision, check_precision, denoiser_loss
+    unet, adapter = stock_unet(parts), copy.deepcopy(parts.au_adapter)
+    install_au_adapter(unet, adapter)
+    model = Denoiser(unet, copy.deepcopy(parts.text_encoder), adapter)
+    batch = {"latent_mean": torch.randn(4, 2, 4, 12, 12), "latent_std": torch.full((4, 2, 4, 12, 12), 0.1),
+             "input_ids": parts.tokenizer(["a happy smile"] * 4, padding="max_length", max_length=77,
+                                          return_tensors="pt").input_ids, "aus": torch.rand(4, 12)}
+    empty = parts.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    precision = MixedPrecision("bf16", "cpu", "unet.precision")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    before = unet.conv_in.weight.detach().clone()
+    with precision.autocast():
+        loss = denoiser_loss(model, DDIMScheduler.from_config(parts.scheduler.config), batch, 0.18, empty, 0.5,
+                             torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    precision.step(loss, optimizer, list(model.parameters()))
+    assert unet.conv_in.weight.dtype == torch.float32  # weights stay fp32
+    assert torch.isfinite(unet.conv_in.weight).all() and not torch.equal(unet.conv_in.weight, before)
+    with pytest.raises(SynferError, match=r"^unet\.precision: .*fp16.*fp32 or bf16 on CPU"):
+        check_precision("fp16", use_gpu=False, field="unet.precision")
+    check_precision("fp16", use_gpu=True, field="unet.precision")  # decided on the GPU worker
+
+
+def test_v_prediction_scheduler_trains_on_the_velocity():
+    from diffusers import DDIMScheduler
+
+    from synfer_ray.train.diffusion import diffusion_target, denoiser_loss, pick_latents
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction")
+    latents, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([1, 400, 999])
+    alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    velocity = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    assert torch.allclose(diffusion_target(scheduler, latents, noise, t), velocity)
+    epsilon = DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon")
+    assert diffusion_target(epsilon, latents, noise, t) is noise
+    with pytest.raises(SynferError, match="prediction_type: got 'sample'; expected epsilon or v_prediction"):
+        diffusion_target(DDIMScheduler.from_config(scheduler.config, prediction_type="sample"), latents, noise, t)
+    # The loss of a model that predicts zeros is the mean square of the target the loop drew.
+    batch = {"latent_mean": torch.randn(3, 2, 4, 8, 8), "latent_std": torch.full((3, 2, 4, 8, 8), 0.1),
+             "input_ids": torch.zeros(3, 77, dtype=torch.int32), "aus": torch.zeros(3, 12)}
+    zeros = lambda noisy, *_: torch.zeros_like(noisy)  # noqa: E731
+    loss = denoiser_loss(zeros, scheduler, batch, 0.5, torch.zeros(1, 77, dtype=torch.long), 0.0,
+                         torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    drawn = pick_latents(batch, 0.5, generator)
+    _, drawn_noise, drawn_t = noisy_latents(scheduler, drawn, generator)
+    velocity = scheduler.get_velocity(drawn, drawn_noise, drawn_t)
+    assert torch.isclose(loss, velocity.pow(2).mean()) and not torch.isclose(loss, drawn_noise.pow(2).mean())

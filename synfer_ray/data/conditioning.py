@@ -41,16 +41,23 @@ def conditions(labels: Sequence[str], seeds: Sequence[int], au_names: Sequence[s
 class EncodeForDenoiser:
     """A Ray Data callable class: image bytes + label (+ caption, AUs) -> latents, tokens, AUs.
 
+    Faces are decoded at ``image_size`` (the bundle's resolution; smaller faces are resized up).
     Latents are the VAE posterior's mean and std of the image and of its mirror image, so the
-    training loop can flip and sample without running the encoder again.
+    training loop can flip and sample without running the encoder again. The VAE runs in fp32 on
+    the actor's device (a GPU when it asked Ray for one), ``chunk`` images at a time.
     """
 
     def __init__(self, components: str, classes: Sequence[str], au_names: Sequence[str], au_jitter: float,
-                 image_size: int, torch_threads: int = 1):
+                 image_size: int, torch_threads: int = 1, num_gpus: float = 0, chunk: int = 16):
         from diffusers import AutoencoderKL
         from transformers import CLIPTokenizer
+
+        from synfer_ray.precision import device_for
         torch.set_num_threads(torch_threads)
-        self.vae = AutoencoderKL.from_pretrained(components, subfolder="vae", use_safetensors=True).eval()
+        self.device = device_for(num_gpus)
+        self.chunk = chunk
+        self.vae = AutoencoderKL.from_pretrained(components, subfolder="vae", use_safetensors=True,
+                                                 torch_dtype=torch.float32).to(self.device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(components, subfolder="tokenizer")
         self.classes, self.au_names = tuple(classes), tuple(au_names)
         self.au_jitter, self.image_size = au_jitter, image_size
@@ -75,12 +82,16 @@ class EncodeForDenoiser:
         texts, aus = conditions(labels, seeds, self.au_names, self.au_jitter, captions, given_aus)
         pixels = torch.from_numpy(decoded["pixels"][valid]).permute(0, 3, 1, 2).float() / 127.5 - 1
         both = torch.cat([pixels, pixels.flip(-1)])
-        posterior = self.vae.encode(both).latent_dist
+        means, stds = [], []
+        for part in both.split(self.chunk):
+            posterior = self.vae.encode(part.to(self.device)).latent_dist
+            means.append(posterior.mean.cpu())
+            stds.append(posterior.std.cpu())
         n = pixels.shape[0]
         stack = lambda x: torch.stack([x[:n], x[n:]], dim=1).numpy()  # noqa: E731  (B, 2, C, h, w)
         tokens = self.tokenizer(texts, padding="max_length", truncation=True,
                                 max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
-        return {"latent_mean": stack(posterior.mean), "latent_std": stack(posterior.std),
+        return {"latent_mean": stack(torch.cat(means)), "latent_std": stack(torch.cat(stds)),
                 "input_ids": tokens.astype(np.int32), "aus": aus.astype(np.float32),
                 "label": np.asarray([self.classes.index(label) for label in labels], np.int16)}
 

@@ -108,7 +108,12 @@ class DecoupledAUAttnProcessor(nn.Module):
         attended = F.scaled_dot_product_attention(heads(query), heads(key), heads(value))
         attended = attended.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         # to_out is linear: W(a + s*b) + bias = stock output + s * W b, so the AU term has no bias.
-        return attn.to_out[1](F.linear(attended, attn.to_out[0].weight)) / attn.rescale_output_factor
+        # Called as a module (not through its .weight) so that a LoRA on to_out (peft) applies here too.
+        projection = attn.to_out[0]
+        projected = projection(attended)
+        if projection.bias is not None:
+            projected = projected - projection.bias
+        return attn.to_out[1](projected) / attn.rescale_output_factor
 
 
 def install_au_adapter(unet: UNet2DConditionModel, adapter: AUAdapter) -> None:

@@ -1,9 +1,10 @@
 """``synfer train-adapter``: train only a bundle's AU adapter on image + caption + AU rows.
 
-The UNet, VAE and text encoder stay frozen (METHOD.md section 1); the loss is epsilon prediction
-through the decoupled cross-attention. Rows come as FEText-style Parquet (``image``, ``caption``,
-``aus``; ``label`` optional). The trained adapter (EMA weights) goes into a new version of the
-bundle, with the training step recorded in its manifest.
+The UNet, VAE and text encoder stay frozen (METHOD.md section 1); the loss is the scheduler's
+(epsilon, or velocity for SD 2.x) through the decoupled cross-attention. Rows come as FEText-style
+Parquet (``image``, ``caption``, ``aus``; ``label`` optional). The trained adapter (EMA weights)
+goes into a new version of the bundle, with the training step recorded in its manifest. A bundle
+over a ``base_model`` (``synfer bundle init``) trains the same way, its SD parts read from the base.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def run_train_adapter(config: AdapterTrainConfig, overwrite: bool = False) -> di
     from synfer_ray.bundle import BundleManifest, new_bundle_version
     from synfer_ray.pipeline import ensure_ray
     from synfer_ray.tracking import start_run
-    from synfer_ray.train.diffusion import denoiser_loop
+    from synfer_ray.train.diffusion import check_precision, denoiser_loop
     from synfer_ray.train.generator import encoded_latents, fit_stage, read_faces, stage_job
 
     bundle = Path(config.bundle).resolve()
@@ -57,10 +58,12 @@ def run_train_adapter(config: AdapterTrainConfig, overwrite: bool = False) -> di
         raise SynferError("output", config.output, "a directory without a finished bundle/ (this run is done); "
                                                    "use another output or --overwrite")
     source = check_adapter_data(config, manifest.classes, manifest.au_names)
+    check_precision(config.stage.precision, config.scaling.use_gpu, "stage.precision")
     if overwrite and output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "train_adapter_config.json").write_text(config.model_dump_json(indent=2))
+    # A bundle over a base model (`synfer bundle init`) holds only the adapter: the SD parts come from the base.
     components = manifest.base_model or str(bundle)
     with start_run(config.tracking, config.name) as run:
         run.log_params({"config": config.model_dump(mode="json"), "lineage.data": source.lineage,
@@ -72,7 +75,8 @@ def run_train_adapter(config: AdapterTrainConfig, overwrite: bool = False) -> di
         faces = read_faces(source, config.data, config.seed, columns=("caption", "aus"))
         latents = encoded_latents(faces, Path(components), manifest.classes, manifest.au_names,
                                   config.stage.au_jitter, manifest.resolution,
-                                  actors=max(1, int(config.ray.num_cpus or 2) // 2))
+                                  actors=max(1, int(config.ray.num_cpus or 2) // 2),
+                                  use_gpu=config.scaling.use_gpu)
         job = stage_job("adapter", Path(components), config.stage, config.seed, config.scaling, run,
                         caption_dropout=config.stage.caption_dropout, ema_decay=config.stage.ema_decay,
                         trainable=("au_adapter",), adapter_source=str(bundle))

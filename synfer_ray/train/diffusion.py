@@ -3,8 +3,15 @@
 The losses are pure functions. The two worker loops count optimiser steps (not epochs), read their
 Ray Data shard over and over until the steps are done, report a checkpoint every
 ``checkpoint_every`` steps and resume from the last one after a worker failure. Weights in a
-checkpoint are diffusers/transformers directories (safetensors); the optimiser and EMA state sit
-beside them as ``torch.save`` files of plain tensors, reloaded with ``weights_only``.
+checkpoint are diffusers/transformers directories (safetensors); the optimiser, EMA and gradient
+scaler state sit beside them as ``torch.save`` files of plain tensors, reloaded with ``weights_only``.
+
+Devices: batches go to the worker's device (``ray.train.torch.get_device()``); every random draw
+(noise, timesteps, dropout, mirroring) comes from a seeded CPU generator and is then moved there,
+so a run draws the same numbers on a GPU as on a CPU. Precision: weights and optimiser state stay
+fp32; ``precision`` (bf16, fp16) runs the forward under ``torch.autocast``, fp16 with a gradient
+scaler. The UNet trains whole or through LoRA (peft); a LoRA checkpoint holds only the low-rank
+weights (``unet_lora/``), which :func:`merge_lora` folds into a plain UNet at the end.
 """
 
 from __future__ import annotations
@@ -20,11 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synfer_ray.errors import SynferError
+
 STATE_NAME = "synfer_state.json"
 MODULES = ("unet", "text_encoder", "au_adapter")
+LORA_DIR = "unet_lora"  # a LoRA run's UNet part in checkpoints and in the stage's components
+LORA_WEIGHTS, LORA_CONFIG = "lora.safetensors", "lora.json"
 
 
 # --- the math ------------------------------------------------------------------------------------
+
+def _draw(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor drawn on the CPU (from a CPU generator) moved to where the model computes."""
+    return tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else None)
+
 
 class Autoencode(nn.Module):
     """The VAE's training forward as one ``forward`` (so DDP syncs it): pixels -> (reconstruction, KL)."""
@@ -35,26 +51,38 @@ class Autoencode(nn.Module):
 
     def forward(self, pixels: torch.Tensor, generator: torch.Generator | None = None):
         posterior = self.vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator,
-                                                               device=pixels.device)
-        return self.vae.decode(latents).sample, posterior.kl().mean() / pixels[0].numel()
+        noise = _draw(torch.randn(posterior.mean.shape, generator=generator), pixels.device, posterior.mean.dtype)
+        latents = posterior.mean + posterior.std * noise
+        return self.vae.decode(latents).sample, posterior.kl().float().mean() / pixels[0].numel()
 
 
 def vae_loss(reconstruction: torch.Tensor, kl: torch.Tensor, pixels: torch.Tensor, kl_weight: float):
     """L1 reconstruction + ``kl_weight`` * per-pixel KL; pixels in [-1, 1]. Returns (loss, parts)."""
-    l1 = F.l1_loss(reconstruction, pixels)
+    l1 = F.l1_loss(reconstruction.float(), pixels.float())
+    kl = kl.float()
     return l1 + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach()}
 
 
 def noisy_latents(scheduler, latents: torch.Tensor, generator: torch.Generator | None = None):
     """Forward diffusion at uniformly drawn timesteps: returns (noisy, noise, timesteps)."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=latents.device)
+    noise = _draw(torch.randn(latents.shape, generator=generator), latents.device, latents.dtype)
+    timesteps = _draw(torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                    generator=generator), latents.device)
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the UNet learns to predict: the noise (epsilon) or SD 2.x's velocity (v_prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise SynferError("scheduler.prediction_type", kind, "epsilon or v_prediction (the bundle's scheduler config)")
+
+
 def epsilon_loss(predicted_noise: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in fp32, whatever the prediction's dtype (also the v-prediction loss)."""
     return F.mse_loss(predicted_noise.float(), noise.float())
 
 
@@ -71,7 +99,8 @@ class Denoiser(nn.Module):
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor,
                 aus: torch.Tensor, au_scale: float = 1.0) -> torch.Tensor:
         text = self.text_encoder(input_ids)[0]
-        context = torch.cat([text, self.au_adapter.encode(aus)], dim=1)
+        tokens = self.au_adapter.encode(aus)
+        context = torch.cat([text, tokens.to(text.dtype)], dim=1)
         return self.unet(noisy, timesteps, encoder_hidden_states=context,
                          cross_attention_kwargs={"au_scale": au_scale}).sample
 
@@ -81,13 +110,88 @@ def drop_conditions(input_ids: torch.Tensor, aus: torch.Tensor, empty_ids: torch
     """Replace a random ``probability`` share of rows by the unconditional input (empty caption, zero AUs)."""
     if probability <= 0:
         return input_ids, aus
-    drop = torch.rand(input_ids.shape[0], generator=generator, device=input_ids.device) < probability
-    input_ids = torch.where(drop[:, None], empty_ids.expand_as(input_ids), input_ids)
+    drop = _draw(torch.rand(input_ids.shape[0], generator=generator), input_ids.device) < probability
+    input_ids = torch.where(drop[:, None], empty_ids.to(input_ids.device).expand_as(input_ids), input_ids)
     return input_ids, aus * (~drop)[:, None].to(aus.dtype)
 
 
 def warmup_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def merge_lora(weights: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
+               scale: float) -> dict[str, torch.Tensor]:
+    """Plain weights with every LoRA pair folded in, ``W + scale * B @ A`` (peft's merge; ``scale`` is
+    alpha / rank). ``lora`` is peft's state dict (``<layer>.lora_A.weight``, ``<layer>.lora_B.weight``);
+    Linear and Conv layers alike. Merged tensors come back in fp32, the others as they were."""
+    merged = dict(weights)
+    for key in lora:
+        if key.endswith(".lora_B.weight"):
+            continue
+        if not key.endswith(".lora_A.weight"):
+            raise SynferError("unet_lora", key, "LoRA weights named <layer>.lora_A.weight / <layer>.lora_B.weight "
+                                                "(peft's state dict of a LoRA without bias or DoRA)")
+        layer = key.removesuffix(".lora_A.weight")
+        target = f"{layer}.weight"
+        if target not in weights or f"{layer}.lora_B.weight" not in lora:
+            raise SynferError("unet_lora", layer, "a layer of the UNet with both lora_A and lora_B weights")
+        down, up = lora[key].float(), lora[f"{layer}.lora_B.weight"].float()
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(weights[target].shape)
+        merged[target] = weights[target].float() + scale * delta
+    return merged
+
+
+def merge_lora_directory(unet_directory: Path, lora_directory: Path) -> None:
+    """Fold the LoRA of ``lora_directory`` (``lora.safetensors`` + ``lora.json``) into the plain diffusers
+    UNet in ``unet_directory``, in place; the whole UNet is then stored in fp32."""
+    from safetensors.torch import load_file, save_file
+    settings = json.loads((lora_directory / LORA_CONFIG).read_text())
+    lora = load_file(lora_directory / LORA_WEIGHTS)
+    files = sorted(unet_directory.glob("*.safetensors"))
+    if not files:
+        raise SynferError("unet", str(unet_directory), "a diffusers UNet directory with safetensors weights")
+    done = set()
+    for file in files:
+        weights = load_file(file)
+        mine = {k: v for k, v in lora.items() if k.rsplit(".lora_", 1)[0] + ".weight" in weights}
+        merged = merge_lora(weights, mine, settings["alpha"] / settings["rank"])
+        save_file({k: v.float().contiguous() for k, v in merged.items()}, file, metadata={"format": "pt"})
+        done |= set(mine)
+    if done != set(lora):
+        raise SynferError("unet_lora", sorted(set(lora) - done)[:3], "LoRA layers that exist in the UNet")
+
+
+# --- devices and precision -----------------------------------------------------------------------
+
+class MixedPrecision:
+    """``precision`` on ``device``: autocast for the forward, and the backward/step (with a gradient
+    scaler for fp16). Weights and optimiser state stay fp32; fp32 turns both off."""
+
+    def __init__(self, precision: str, device: torch.device | str, field: str = "precision"):
+        from synfer_ray.precision import resolve
+        self.device = torch.device(device)
+        if precision == "fp16" and self.device.type == "cpu":
+            raise SynferError(field, precision, "fp32 or bf16 on CPU workers (fp16 with loss scaling is for "
+                                                "GPUs: set scaling.use_gpu true)")
+        self.dtype = resolve(precision, self.device, field=field)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def step(self, loss: torch.Tensor, optimizer, parameters, max_norm: float = 1.0) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def check_precision(precision: str, use_gpu: bool, field: str) -> None:
+    """Refuse, before any Ray work, a precision the workers' device cannot run (fp16 on CPU)."""
+    if not use_gpu:
+        MixedPrecision(precision, "cpu", field)
 
 
 # --- shared loop plumbing ------------------------------------------------------------------------
@@ -96,8 +200,8 @@ def warmup_constant(warmup_steps: int):
 class StageJob:
     """What every worker of one stage needs, as plain values."""
 
-    stage: str  # "vae" or "denoiser"
-    components: str  # a bundle-layout directory with the starting weights
+    stage: str  # "vae", "denoiser" or "adapter"
+    components: str  # a bundle-layout directory (or hub id) with the starting weights
     steps: int
     batch_size: int
     lr: float
@@ -106,13 +210,26 @@ class StageJob:
     log_every: int
     seed: int
     torch_threads: int
+    precision: str = "fp32"
     kl_weight: float = 0.0
     caption_dropout: float = 0.0
     ema_decay: float = 0.0
     trainable: tuple[str, ...] = ()
+    lora_rank: int = 0  # > 0: the UNet trains as LoRA of this rank (peft) instead of whole
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
     adapter_source: str | None = None  # where au_adapter/ lives when the SD parts are elsewhere (base_model)
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
+
+    @property
+    def precision_field(self) -> str:
+        return {"vae": "vae.precision", "denoiser": "unet.precision"}.get(self.stage, "stage.precision")
+
+    @property
+    def saved_modules(self) -> tuple[str, ...]:
+        """The checkpoint's sub-directories: the trainable parts, the UNet as ``unet_lora`` in LoRA runs."""
+        return tuple(LORA_DIR if name == "unet" and self.lora_rank else name for name in self.trainable)
 
 
 def _batches(shard, job: StageJob, device, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -143,21 +260,22 @@ class _Tracker:
                                                         for k, v in metrics.items()])
 
 
-def _restore(optimizer, ema=None) -> dict[str, Any] | None:
-    """Load the optimiser/EMA state of the last checkpoint; return its state (None on a fresh start)."""
+def _restore() -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The last checkpoint's loop state and its saved tensors (weights by module, optimiser, EMA and
+    scaler state, all on the CPU); ``(None, {})`` on a fresh start. The caller applies them once the
+    model sits on its device, so optimiser state follows the parameters there."""
     import ray.train
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
-        return None
+        return None, {}
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        if ema is not None:
-            ema.load_state_dict(torch.load(directory / "ema.pt", weights_only=True))
         state = json.loads((directory / STATE_NAME).read_text())
-        state["directory_weights"] = {name: _read_weights(directory / "weights" / name)
-                                      for name in state["modules"]}
-        return state
+        saved = {"weights": {name: _read_weights(directory / "weights" / name) for name in state["modules"]}}
+        for name in ("optimizer", "ema", "scaler"):
+            if (directory / f"{name}.pt").is_file():
+                saved[name] = torch.load(directory / f"{name}.pt", weights_only=True, map_location="cpu")
+        return state, saved
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -187,6 +305,24 @@ def _context():
     return context.get_world_rank(), context.get_world_size()
 
 
+def _save_training_state(directory: Path, optimizer, precision: MixedPrecision, ema=None) -> None:
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    if precision.scaler.is_enabled():
+        torch.save(precision.scaler.state_dict(), directory / "scaler.pt")
+    if ema is not None:
+        torch.save(ema.state_dict(), directory / "ema.pt")
+
+
+def _restore_training_state(saved: dict[str, Any], optimizer, precision: MixedPrecision, ema=None) -> None:
+    if "optimizer" in saved:
+        optimizer.load_state_dict(saved["optimizer"])
+    if "scaler" in saved and precision.scaler.is_enabled():
+        precision.scaler.load_state_dict(saved["scaler"])
+    if ema is not None and "ema" in saved:
+        ema.load_state_dict(saved["ema"])
+        ema.to(precision.device)
+
+
 # --- the VAE -------------------------------------------------------------------------------------
 
 def vae_loop(loop_config: dict[str, Any]) -> None:
@@ -197,118 +333,172 @@ def vae_loop(loop_config: dict[str, Any]) -> None:
     job: StageJob = loop_config["job"]
     torch.set_num_threads(job.torch_threads)
     rank, world = _context()
-    vae = AutoencoderKL.from_pretrained(job.components, subfolder="vae", use_safetensors=True)
+    device = ray.train.torch.get_device()
+    precision = MixedPrecision(job.precision, device, job.precision_field)
+    vae = AutoencoderKL.from_pretrained(job.components, subfolder="vae", use_safetensors=True,
+                                        torch_dtype=torch.float32)
+    state, saved = _restore()
+    state = state or {"step": 0, "history": [], "modules": ["vae"]}
+    if saved:
+        vae.load_state_dict(saved["weights"]["vae"])
+    model = ray.train.torch.prepare_model(Autoencode(vae), parallel_strategy="ddp" if world > 1 else None)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=job.lr, weight_decay=0.0)
-    state = _restore(optimizer) or {"step": 0, "history": [], "modules": ["vae"]}
-    if "directory_weights" in state:
-        vae.load_state_dict(state.pop("directory_weights")["vae"])
+    _restore_training_state(saved, optimizer, precision)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(job.warmup_steps),
                                                  last_epoch=state["step"] - 1 if state["step"] else -1)
-    model = ray.train.torch.prepare_model(Autoencode(vae), parallel_strategy="ddp" if world > 1 else None)
     generator = torch.Generator().manual_seed(job.seed * 1000 + rank + state["step"])
     tracker = _Tracker(job, rank)
-    batches = _batches(ray.train.get_dataset_shard("train"), job, torch.device("cpu"), state["step"])
-    sums, began = torch.zeros(3), time.perf_counter()
+    batches = _batches(ray.train.get_dataset_shard("train"), job, device, state["step"])
+    sums, began = torch.zeros(3, device=device), time.perf_counter()
     model.train()
     while state["step"] < job.steps:
         pixels = next(batches)["pixels"].permute(0, 3, 1, 2).float() / 127.5 - 1
-        loss, parts = vae_loss(*model(pixels, generator), pixels, job.kl_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        with precision.autocast():
+            loss, parts = vae_loss(*model(pixels, generator), pixels, job.kl_weight)
+        precision.step(loss, optimizer, vae.parameters())
         schedule.step()
         state["step"] += 1
-        sums += torch.stack([parts["l1"], parts["kl"], torch.tensor(1.0)])
+        sums += torch.stack([parts["l1"], parts["kl"], torch.ones((), device=device)])
         step = state["step"]
         if step % job.log_every == 0 or step == job.steps or step % job.checkpoint_every == 0:
-            metrics = {"l1": float(sums[0] / sums[2]), "kl": float(sums[1] / sums[2]),
-                       "images_per_s": float(sums[2]) * job.batch_size * world / (time.perf_counter() - began)}
+            sums_cpu = sums.cpu()
+            metrics = {"l1": float(sums_cpu[0] / sums_cpu[2]), "kl": float(sums_cpu[1] / sums_cpu[2]),
+                       "images_per_s": float(sums_cpu[2]) * job.batch_size * world / (time.perf_counter() - began)}
             tracker.log(metrics, step)
             state["history"].append({"step": step, **metrics})
-            sums, began = torch.zeros(3), time.perf_counter()
+            sums, began = torch.zeros(3, device=device), time.perf_counter()
             if step % job.checkpoint_every == 0 or step == job.steps:
                 _report(job, rank, state, {"step": step, **metrics}, lambda d: (
                     vae.save_pretrained(d / "weights" / "vae", safe_serialization=True),
-                    torch.save(optimizer.state_dict(), d / "optimizer.pt")))
+                    _save_training_state(d, optimizer, precision)))
 
 
 # --- the denoiser --------------------------------------------------------------------------------
 
+def add_lora(unet, rank: int, alpha: float, targets: tuple[str, ...]) -> None:
+    """Freeze ``unet`` and give it trainable LoRA layers (peft, through diffusers' PeftAdapterMixin).
+
+    Call before installing the AU adapter: its processors hold their own ``to_k``/``to_v``, which
+    the target names would otherwise match.
+    """
+    from peft import LoraConfig
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                init_lora_weights="gaussian"))
+
+
+def save_lora(unet, directory: Path, rank: int, alpha: float, targets: tuple[str, ...]) -> None:
+    """``lora.safetensors`` (peft's state dict of the UNet's LoRA layers) and ``lora.json`` (rank, alpha)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    save_file(weights, directory / LORA_WEIGHTS, metadata={"format": "pt"})
+    (directory / LORA_CONFIG).write_text(json.dumps({"rank": rank, "alpha": alpha, "target_modules": list(targets)}))
+
+
+def load_denoiser_parts(job: StageJob) -> dict[str, nn.Module]:
+    """UNet (with LoRA layers in a LoRA run), text encoder and AU adapter, in fp32 whatever the stored dtype."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from synfer_ray.generator.au_adapter import AUAdapter
+    source, fp32 = job.components, torch.float32
+    parts = {"unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True,
+                                                          torch_dtype=fp32),
+             "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True,
+                                                           dtype=fp32),
+             "au_adapter": AUAdapter.from_pretrained(job.adapter_source or source, subfolder="au_adapter",
+                                                     use_safetensors=True, torch_dtype=fp32)}
+    for name, module in parts.items():
+        module.requires_grad_(name in job.trainable).train(name in job.trainable)
+    if job.lora_rank and "unet" in job.trainable:
+        add_lora(parts["unet"], job.lora_rank, job.lora_alpha, job.lora_targets)
+    return parts
+
+
 def denoiser_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
     from diffusers.training_utils import EMAModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    from synfer_ray.generator.au_adapter import AUAdapter, install_au_adapter
+    from synfer_ray.generator.au_adapter import install_au_adapter
 
     job: StageJob = loop_config["job"]
     torch.set_num_threads(job.torch_threads)
     rank, world = _context()
+    device = ray.train.torch.get_device()
+    precision = MixedPrecision(job.precision, device, job.precision_field)
     source = job.components
-    parts = {"unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True),
-             "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True),
-             "au_adapter": AUAdapter.from_pretrained(job.adapter_source or source, subfolder="au_adapter",
-                                                     use_safetensors=True)}
+    parts = load_denoiser_parts(job)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
-    for name, module in parts.items():
-        module.requires_grad_(name in job.trainable).train(name in job.trainable)
-    trainable = [p for name in job.trainable for p in parts[name].parameters()]
+    state, saved = _restore()
+    state = state or {"step": 0, "history": [], "modules": list(job.saved_modules)}
+    for name, weights in saved.get("weights", {}).items():
+        if name == LORA_DIR:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(parts["unet"], weights)
+        else:
+            parts[name].load_state_dict(weights)
+    # Before the adapter is installed: its K/V then also hang under the UNet's processors.
+    trainable = [p for name in job.trainable for p in parts[name].parameters() if p.requires_grad]
+    install_au_adapter(parts["unet"], parts["au_adapter"])
+    model = ray.train.torch.prepare_model(Denoiser(**parts), parallel_strategy="ddp" if world > 1 else None)
     optimizer = torch.optim.AdamW(trainable, lr=job.lr, weight_decay=1e-2)
     ema = EMAModel(trainable, decay=job.ema_decay, use_ema_warmup=True) if job.ema_decay else None
-    state = _restore(optimizer, ema) or {"step": 0, "history": [], "modules": list(job.trainable)}
-    for name, weights in state.pop("directory_weights", {}).items():
-        parts[name].load_state_dict(weights)
-    install_au_adapter(parts["unet"], parts["au_adapter"])
+    _restore_training_state(saved, optimizer, precision, ema)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(job.warmup_steps),
                                                  last_epoch=state["step"] - 1 if state["step"] else -1)
-    model = ray.train.torch.prepare_model(Denoiser(**parts), parallel_strategy="ddp" if world > 1 else None)
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids
+                          return_tensors="pt").input_ids.to(device)
     scaling = parts_scaling_factor(source)
     generator = torch.Generator().manual_seed(job.seed * 1000 + rank + state["step"])
     tracker = _Tracker(job, rank)
-    batches = _batches(ray.train.get_dataset_shard("train"), job, torch.device("cpu"), state["step"])
-    sums, began = torch.zeros(2), time.perf_counter()
+    batches = _batches(ray.train.get_dataset_shard("train"), job, device, state["step"])
+    sums, began = torch.zeros(2, device=device), time.perf_counter()
     while state["step"] < job.steps:
-        loss = denoiser_loss(model, scheduler, next(batches), scaling, empty_ids, job.caption_dropout, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
+        with precision.autocast():
+            loss = denoiser_loss(model, scheduler, next(batches), scaling, empty_ids, job.caption_dropout,
+                                 generator)
+        precision.step(loss, optimizer, trainable)
         schedule.step()
         if ema is not None:
             ema.step(trainable)
         state["step"] += 1
-        sums += torch.stack([loss.detach(), torch.tensor(1.0)])
+        sums += torch.stack([loss.detach(), torch.ones((), device=device)])
         step = state["step"]
         if step % job.log_every == 0 or step == job.steps or step % job.checkpoint_every == 0:
-            metrics = {"loss": float(sums[0] / sums[1]),
-                       "images_per_s": float(sums[1]) * job.batch_size * world / (time.perf_counter() - began)}
+            sums_cpu = sums.cpu()
+            metrics = {"loss": float(sums_cpu[0] / sums_cpu[1]),
+                       "images_per_s": float(sums_cpu[1]) * job.batch_size * world / (time.perf_counter() - began)}
             tracker.log(metrics, step)
             state["history"].append({"step": step, **metrics})
-            sums, began = torch.zeros(2), time.perf_counter()
+            sums, began = torch.zeros(2, device=device), time.perf_counter()
             if step % job.checkpoint_every == 0 or step == job.steps:
                 _report(job, rank, state, {"step": step, **metrics},
-                        lambda d: _save_denoiser(d, parts, job.trainable, optimizer, ema, trainable))
+                        lambda d: _save_denoiser(d, parts, job, optimizer, precision, ema, trainable))
 
 
-def _save_denoiser(directory: Path, parts: dict[str, nn.Module], trainable_names, optimizer, ema, trainable):
-    """Raw weights (to resume), EMA weights (to sample), optimiser and EMA state."""
+def _save_denoiser(directory: Path, parts: dict[str, nn.Module], job: StageJob, optimizer,
+                   precision: MixedPrecision, ema, trainable):
+    """Raw weights (to resume), EMA weights (to sample), optimiser, scaler and EMA state."""
     from synfer_ray.generator.au_adapter import stock_attention
 
     def save(kind: str) -> None:
         with stock_attention(parts["unet"]):  # the adapter's K/V are saved once, in au_adapter/
-            for name in trainable_names:
-                parts[name].save_pretrained(directory / kind / name, safe_serialization=True)
+            for name, saved in zip(job.trainable, job.saved_modules):
+                if saved == LORA_DIR:
+                    save_lora(parts["unet"], directory / kind / saved, job.lora_rank, job.lora_alpha,
+                              job.lora_targets)
+                else:
+                    parts[name].save_pretrained(directory / kind / saved, safe_serialization=True)
 
     save("weights")
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    _save_training_state(directory, optimizer, precision, ema)
     if ema is not None:
-        torch.save(ema.state_dict(), directory / "ema.pt")
         ema.store(trainable)
         ema.copy_to(trainable)
     save("ema")
@@ -317,25 +507,27 @@ def _save_denoiser(directory: Path, parts: dict[str, nn.Module], trainable_names
 
 
 def parts_scaling_factor(source: str) -> float:
-    config = json.loads((Path(source) / "vae" / "config.json").read_text())
-    return float(config.get("scaling_factor", 1.0))
+    """The latent scale of the VAE in ``source`` (a directory or hub id)."""
+    from diffusers import AutoencoderKL
+    return float(AutoencoderKL.load_config(source, subfolder="vae").get("scaling_factor", 1.0))
 
 
 def denoiser_loss(model, scheduler, batch: dict[str, torch.Tensor], scaling: float, empty_ids: torch.Tensor,
                   caption_dropout: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One training batch's epsilon loss: posterior latent sample (maybe mirrored), caption/AU dropout,
-    forward diffusion at random timesteps, noise prediction."""
+    """One training batch's loss: posterior latent sample (maybe mirrored), caption/AU dropout, forward
+    diffusion at random timesteps, prediction of the scheduler's target (noise, or velocity for SD 2.x)."""
     latents = pick_latents(batch, scaling, generator)
     input_ids, aus = drop_conditions(batch["input_ids"].long(), batch["aus"].float(), empty_ids, caption_dropout,
                                      generator)
     noisy, noise, timesteps = noisy_latents(scheduler, latents, generator)
-    return epsilon_loss(model(noisy, timesteps, input_ids, aus), noise)
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+    return epsilon_loss(model(noisy, timesteps, input_ids, aus), target)
 
 
 def pick_latents(batch: dict[str, torch.Tensor], scaling: float, generator: torch.Generator | None = None):
     """A posterior sample of each row's latent, of the image or (at random) its mirror image."""
     mean, std = batch["latent_mean"].float(), batch["latent_std"].float()  # (B, 2, C, H, W)
-    mirror = torch.randint(0, 2, (mean.shape[0],), generator=generator)
-    rows = torch.arange(mean.shape[0])
+    mirror = _draw(torch.randint(0, 2, (mean.shape[0],), generator=generator), mean.device)
+    rows = torch.arange(mean.shape[0], device=mean.device)
     mean, std = mean[rows, mirror], std[rows, mirror]
-    return (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+    return (mean + std * _draw(torch.randn(mean.shape, generator=generator), mean.device)) * scaling

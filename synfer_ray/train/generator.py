@@ -5,7 +5,10 @@ Stages, each a Ray Train run that checkpoints and resumes: (1) the VAE (reconstr
 EMA weights for sampling) on latents that Ray Data encodes once. The run directory keeps a
 ``stages/current`` bundle-layout directory that each finished stage updates, and ``stages.json``
 listing finished stages, so a stopped run continues where it was. ``from_bundle`` starts from an
-existing bundle (real SD weights on a cluster) instead of fresh weights.
+existing bundle (real SD weights on a cluster, or a bundle over a ``base_model``) instead of fresh
+weights: its VAE and latent scale are kept unless ``vae.finetune``, the UNet trains at the bundle's
+resolution, whole or as LoRA (``unet.unet_mode``), and a LoRA is merged into a plain UNet in the
+bundle written at the end.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from synfer_ray import taxonomy
-from synfer_ray.config import GeneratorTrainConfig, LabelledFacesConfig, ScalingConfig, StageConfig
+from synfer_ray.config import (DenoiserStageConfig, GeneratorTrainConfig, LabelledFacesConfig, ScalingConfig,
+                               StageConfig)
 from synfer_ray.data.faces import FaceSource, check_labels, resolve_source
 from synfer_ray.errors import SynferError
-from synfer_ray.train.diffusion import StageJob, denoiser_loop, vae_loop
+from synfer_ray.train.diffusion import (LORA_DIR, StageJob, check_precision, denoiser_loop, parts_scaling_factor,
+                                       vae_loop)
 
 BUNDLE_DIR = "bundle"
 
@@ -76,16 +81,20 @@ def decoded_pixels(dataset, classes: Sequence[str], image_size: int):
 
 
 def encoded_latents(dataset, components: Path, classes: Sequence[str], au_names: Sequence[str],
-                    au_jitter: float, image_size: int, actors: int):
-    """Latents, tokens and AUs for every row, computed once by a pool of VAE actors and kept."""
+                    au_jitter: float, image_size: int, actors: int, use_gpu: bool = False):
+    """Latents, tokens and AUs for every row, computed once by a pool of VAE actors and kept; on a
+    GPU each when the training runs on GPUs (an SD VAE at 512 px is slow on CPUs)."""
     import ray.data
 
     from synfer_ray.data.conditioning import EncodeForDenoiser
+    num_gpus = 1 if use_gpu else 0
     return dataset.map_batches(
         EncodeForDenoiser, batch_size=128, batch_format="numpy",
         fn_constructor_kwargs={"components": str(components), "classes": tuple(classes),
-                               "au_names": tuple(au_names), "au_jitter": au_jitter, "image_size": image_size},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=1).materialize()
+                               "au_names": tuple(au_names), "au_jitter": au_jitter, "image_size": image_size,
+                               "num_gpus": num_gpus},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=1,
+        num_gpus=num_gpus).materialize()
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -128,7 +137,15 @@ def stage_job(stage: str, components: Path, settings: StageConfig, seed: int, sc
     return StageJob(stage=stage, components=str(components), steps=settings.steps, batch_size=settings.batch_size,
                     lr=settings.lr, warmup_steps=settings.warmup_steps, checkpoint_every=settings.checkpoint_every,
                     log_every=settings.log_every, seed=seed, torch_threads=scaling.torch_threads,
-                    mlflow_uri=run.uri, mlflow_run_id=run.run_id, **extra)
+                    precision=settings.precision, mlflow_uri=run.uri, mlflow_run_id=run.run_id, **extra)
+
+
+def lora_settings(stage: DenoiserStageConfig) -> dict[str, Any]:
+    """The StageJob fields of a LoRA run (none for a full one)."""
+    if stage.unet_mode != "lora":
+        return {}
+    return {"lora_rank": stage.lora.rank, "lora_alpha": stage.lora.alpha,
+            "lora_targets": tuple(stage.lora.target_modules)}
 
 
 def replace_components(checkpoint: Path, subdirectory: str, names: Sequence[str], components: Path) -> None:
@@ -147,15 +164,20 @@ def replace_components(checkpoint: Path, subdirectory: str, names: Sequence[str]
         staged.rename(target)
 
 
-def set_latent_scale(components: Path, dataset, samples: int = 1024) -> float:
-    """SD's trick: scale latents to unit variance, measured on the training images."""
+def set_latent_scale(components: Path, dataset, samples: int = 1024, device: str | None = None,
+                     chunk: int = 16) -> float:
+    """SD's trick: scale latents to unit variance, measured on the training images (``chunk`` at a
+    time on ``device``: CUDA where there is one, so an SD VAE at 512 px fits and is quick)."""
     import torch
     from diffusers import AutoencoderKL
-    vae = AutoencoderKL.from_pretrained(components, subfolder="vae", use_safetensors=True).eval()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae = AutoencoderKL.from_pretrained(components, subfolder="vae", use_safetensors=True,
+                                        torch_dtype=torch.float32).to(device).eval()
     batch = next(iter(dataset.iter_batches(batch_size=samples, batch_format="numpy")))
-    pixels = torch.from_numpy(np.array(batch["pixels"])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pixels = torch.from_numpy(np.array(batch["pixels"])).permute(0, 3, 1, 2)
     with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.mean
+        latents = torch.cat([vae.encode(part.to(device).float() / 127.5 - 1).latent_dist.mean.cpu()
+                             for part in pixels.split(chunk)])
     scale = float(1.0 / latents.std())
     config_path = components / "vae" / "config.json"
     config = json.loads(config_path.read_text())
@@ -166,21 +188,59 @@ def set_latent_scale(components: Path, dataset, samples: int = 1024) -> float:
 
 # --- the job -------------------------------------------------------------------------------------
 
+SD_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
 def _start_components(config: GeneratorTrainConfig, components: Path) -> tuple[tuple[str, ...], tuple[str, ...], int]:
     """Write the starting weights once; return (classes, AU names, resolution)."""
     from synfer_ray.bundle import BundleManifest, new_generator
     if config.from_bundle:
         manifest = BundleManifest.read(Path(config.from_bundle))
-        if manifest.base_model:
-            raise SynferError("from_bundle", config.from_bundle, "a bundle holding its own weights (this one "
-                                                                 "points at base_model; copy those weights in first)")
         if not components.is_dir():
-            shutil.copytree(config.from_bundle, components, ignore=shutil.ignore_patterns("sg_classifier"))
+            copy_bundle_parts(Path(config.from_bundle), manifest.base_model, components)
         return manifest.classes, manifest.au_names, manifest.resolution
     arch = config.architecture
     if not components.is_dir():
         new_generator(arch, config.seed).save(components, taxonomy.expression_set(arch.expressions), arch.resolution)
     return taxonomy.expression_set(arch.expressions), taxonomy.au_set(arch.au_set), arch.resolution
+
+
+def copy_bundle_parts(bundle: Path, base_model: str | None, components: Path) -> None:
+    """``components`` = the bundle's SD parts (from its ``base_model`` when it names one: a directory,
+    or a hub id fetched once) plus its ``au_adapter/``; staged, then renamed into place."""
+    staged = components.with_name(components.name + ".tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    source = bundle if base_model is None else _base_directory(base_model)
+    for name in SD_PARTS:
+        if not (source / name).exists():
+            raise SynferError("from_bundle", str(bundle), f"a bundle whose SD weights have {name} "
+                                                          f"({source} lacks it)")
+        copy = shutil.copytree if (source / name).is_dir() else shutil.copy2
+        copy(source / name, staged / name)
+    # A hub SD pipeline names a safety checker and feature extractor that a bundle does not carry.
+    index = json.loads((staged / "model_index.json").read_text())
+    for name in ("safety_checker", "feature_extractor", "image_encoder"):
+        if name in index:
+            index[name] = [None, None]
+    (staged / "model_index.json").write_text(json.dumps({**index, "requires_safety_checker": False}, indent=2))
+    shutil.copytree(bundle / "au_adapter", staged / "au_adapter")
+    staged.rename(components)
+
+
+def _base_directory(base_model: str) -> Path:
+    """A base model's local directory: the path itself, or the hub snapshot of its diffusers weights."""
+    if Path(base_model).is_dir():
+        return Path(base_model)
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(base_model, allow_patterns=[
+            "model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "text_encoder/config.json",
+            "text_encoder/model.safetensors", *(f"{part}/{file}" for part in ("unet", "vae")
+                                                for file in ("config.json", "diffusion_pytorch_model.safetensors"))]))
+    except Exception as error:  # offline, unknown id, no access: say which base and why
+        raise SynferError("from_bundle (base_model)", base_model, "a directory or a reachable hub id of "
+                                                                  f"diffusers SD weights ({error!r:.300})") from error
 
 
 def _check(config: GeneratorTrainConfig, output: Path, overwrite: bool):
@@ -196,6 +256,8 @@ def _check(config: GeneratorTrainConfig, output: Path, overwrite: bool):
         classes = taxonomy.expression_set(config.architecture.expressions)
         au_names = taxonomy.au_set(config.architecture.au_set)
     source, counts = check_faces(config.data, classes, au_count=len(au_names))
+    for field, stage in (("vae.precision", config.vae), ("unet.precision", config.unet)):
+        check_precision(stage.precision, config.scaling.use_gpu, field)
     for field in ("sg_classifier", "quality.evaluator"):
         path = config.sg_classifier if field == "sg_classifier" else config.quality.evaluator
         if path:
@@ -228,6 +290,10 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
         import ray.data
         ray.data.DataContext.get_current().enable_progress_bars = False
         faces = read_faces(source, config.data, config.seed, columns=("caption", "aus"))
+        if "vae" not in ledger.done and config.from_bundle and not config.vae.finetune:
+            # A bundle's VAE (SD's above all) is kept with its scaling factor, not relearnt on faces.
+            ledger.finish("vae", {"history": [], "kept": True,
+                                  "scaling_factor": parts_scaling_factor(str(components))})
         if "vae" not in ledger.done:
             pixels = decoded_pixels(faces, classes, resolution)
             if config.vae.steps:
@@ -245,13 +311,16 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
             trainable = tuple(name for name, on in (("unet", True), ("text_encoder", stage.train_text_encoder),
                                                     ("au_adapter", stage.train_adapter)) if on)
             latents = encoded_latents(faces, components, classes, au_names, stage.au_jitter, resolution,
-                                      actors=max(1, int(config.ray.num_cpus or 2) // 2))
+                                      actors=max(1, int(config.ray.num_cpus or 2) // 2),
+                                      use_gpu=config.scaling.use_gpu)
             job = stage_job("denoiser", components, stage, config.seed, config.scaling, run,
-                            caption_dropout=stage.caption_dropout, ema_decay=stage.ema_decay, trainable=trainable)
+                            caption_dropout=stage.caption_dropout, ema_decay=stage.ema_decay, trainable=trainable,
+                            **lora_settings(stage))
             checkpoint, history, _ = fit_stage(denoiser_loop, job, latents, config.scaling,
                                                f"{config.name}-denoiser", output / "ray")
-            replace_components(checkpoint, "ema", trainable, components)
-            ledger.finish("denoiser", {"history": history, "trainable": trainable})
+            # A LoRA lands beside the untouched UNet (components/unet_lora); write_bundle merges it.
+            replace_components(checkpoint, "ema", job.saved_modules, components)
+            ledger.finish("denoiser", {"history": history, "trainable": trainable, "unet_mode": stage.unet_mode})
         training = {"data": {"path": config.data.path, "lineage": source.lineage, "class_counts": counts},
                     "config": config.model_dump(mode="json"),
                     "au_conditioning": "per-class prototype AUs (label conditioning)"
@@ -287,12 +356,17 @@ def au_rows(source: FaceSource) -> int:
 
 def write_bundle(components: Path, target: Path, classes: Sequence[str], resolution: int,
                  sg_classifier: str | None, training: dict[str, Any]):
-    """Copy the trained components to ``target`` with the guide, and seal the manifest."""
+    """Copy the trained components to ``target`` with the guide (a LoRA merged into a plain UNet),
+    and seal the manifest."""
     from synfer_ray.bundle import seal_bundle
     from synfer_ray.classifiers import load_classifier
+    from synfer_ray.train.diffusion import merge_lora_directory
     staged = target.with_name(target.name + ".tmp")
     shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(components, staged, ignore=shutil.ignore_patterns("synfer_bundle.json", "sg_classifier"))
+    shutil.copytree(components, staged, ignore=shutil.ignore_patterns("synfer_bundle.json", "sg_classifier",
+                                                                      LORA_DIR))
+    if (components / LORA_DIR).is_dir():
+        merge_lora_directory(staged / "unet", components / LORA_DIR)
     guide = load_classifier(sg_classifier, field="sg_classifier") if sg_classifier else None
     manifest = seal_bundle(staged, classes, resolution, guide, training)
     shutil.rmtree(target, ignore_errors=True)
