@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from PIL import Image
 
 from synfer_ray import taxonomy
+from synfer_ray.data.shards import filesystem, is_uri
 from synfer_ray.errors import SynferError
 
 
@@ -33,26 +35,43 @@ class FaceSource:
 
     @property
     def data_path(self) -> str:
-        return str(Path(self.path) / "data") if self.synthetic else self.path
+        """What Parquet readers (pyarrow, Ray Data) open: a local path or a URI."""
+        if not self.synthetic:
+            return self.path
+        return f"{self.path.rstrip('/')}/data" if is_uri(self.path) else str(Path(self.path) / "data")
 
 
 def resolve_source(path: str, field: str) -> FaceSource:
-    location = Path(path)
-    if not location.exists():
+    """A Parquet file or directory of labelled faces, or a finished synfer dataset, on a local path or
+    any pyarrow filesystem URI (``s3://bucket/faces``)."""
+    try:
+        fs, root = filesystem(path)
+        info = fs.get_file_info(root)
+    except (OSError, ValueError, pa.ArrowException) as error:
+        raise SynferError(field, path, f"a local path or a URI pyarrow can open ({error})") from None
+    if info.type == pafs.FileType.NotFound:
         raise SynferError(field, path, "an existing Parquet file or directory of labelled faces")
-    card = location / "dataset.json"
-    if card.is_file():
-        return FaceSource(str(location), True, hashlib.sha256(card.read_bytes()).hexdigest())
-    if (location / "generate_config.json").is_file():
+    directory = info.type == pafs.FileType.Directory
+    path = path if is_uri(path) else str(Path(path))
+
+    def is_file(name: str) -> bool:
+        return directory and fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File
+
+    if is_file("dataset.json"):
+        with fs.open_input_stream(f"{root}/dataset.json") as stream:
+            return FaceSource(path, True, hashlib.sha256(stream.read()).hexdigest())
+    if is_file("generate_config.json"):
         raise SynferError(field, path, "a finished synfer dataset (no dataset.json yet: run generate again "
                                        "to finish it)")
-    files = sorted(location.rglob("*.parquet")) if location.is_dir() else [location]
+    files = fs.get_file_info(pafs.FileSelector(root, recursive=True)) if directory else [info]
+    if directory:
+        files = [f for f in files if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")]
     if not files:
         raise SynferError(field, path, "a directory holding .parquet files")
     digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.name}:{file.stat().st_size}\n".encode())
-    return FaceSource(str(location), False, digest.hexdigest())
+    for file in sorted(files, key=lambda f: PurePosixPath(f.path)):
+        digest.update(f"{file.base_name}:{file.size}\n".encode())
+    return FaceSource(path, False, digest.hexdigest())
 
 
 def check_labels(source: FaceSource, classes: Sequence[str], field: str, accepted_only: bool = True) -> dict[str, int]:
@@ -208,10 +227,3 @@ def augment(batch: dict[str, np.ndarray], crop_padding: int, flip: bool, color_j
             image = (image - mean) * contrast + mean * brightness
         out[i] = np.clip(image, 0, 255).astype(np.uint8)
     return {**batch, "pixels": out}
-
-
-def card_summary(source: FaceSource) -> dict | None:
-    if not source.synthetic:
-        return None
-    card = json.loads((Path(source.path) / "dataset.json").read_text())
-    return {"rows": card["rows"], "classes": card["classes"], "bundle": card["bundle"]["content_hash"]}

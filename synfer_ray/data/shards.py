@@ -80,16 +80,28 @@ class ShardPlan:
         return f"_shards/{self._prefix}shard-{shard:05d}.json"
 
 
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or a URI (``s3://bucket/key``, ``gs://``, ``hdfs://``, ``file://``) -> its pyarrow
+    filesystem and the path on it (a local path made absolute). S3 endpoints and credentials come
+    from the standard variables (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)
+    of the process that opens it: every Ray node needs them."""
+    if is_uri(location):
+        fs, root = pafs.FileSystem.from_uri(str(location))
+    else:
+        fs, root = pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    return fs, root.rstrip("/")
+
+
 class ShardStore:
     """A dataset directory on any pyarrow filesystem."""
 
     def __init__(self, uri: str):
         self.uri = uri
-        if "://" in uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-        self.root = self.root.rstrip("/")
+        self.fs, self.root = filesystem(uri)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

@@ -8,6 +8,7 @@ so that a lost worker resumes from the last one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,13 +17,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from synfer_ray import taxonomy
 from synfer_ray.config import SourceConfig, TrainConfig
 from synfer_ray.data.faces import FaceSource, RowSelection, check_labels, resolve_source
+from synfer_ray.data.shards import filesystem, is_uri
 from synfer_ray.errors import SynferError
 
 STATE_NAME = "synfer_state.json"
@@ -307,8 +309,27 @@ def _precision(config: TrainConfig) -> str:
     return precision
 
 
+@contextlib.contextmanager
+def _run_directory(output: str) -> Iterator[Path]:
+    """Where model/, eval/ and the run's JSON files are written: ``output`` itself when it is a local
+    path; for a URI (``s3://bucket/run``) a local staging directory, uploaded there when the run
+    succeeds (Ray Train's checkpoints go to the URI directly)."""
+    if not is_uri(output):
+        directory = Path(output).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        yield directory
+        return
+    import pyarrow.fs as pafs
+    fs, root = filesystem(output)
+    with tempfile.TemporaryDirectory(prefix="synfer-train-") as staging:
+        yield Path(staging)
+        pafs.copy_files(staging, root, destination_filesystem=fs)
+
+
 def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
-    """Train, pick the best epoch, evaluate on the test set, track and register; return a summary."""
+    """Train, pick the best epoch, evaluate on the test set, track and register; return a summary.
+    ``output`` is a local directory or a URI (``s3://bucket/run``: checkpoints, model, evaluation)."""
+    import pyarrow.fs as pafs
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -317,20 +338,20 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     from synfer_ray.tracking import start_run
 
     classes = taxonomy.expression_set(config.model.expressions)
-    output = Path(config.output).resolve()
-    if (output / MODEL_DIR).exists() and not overwrite:
+    fs, root = filesystem(config.output)
+    if fs.get_file_info(f"{root}/{MODEL_DIR}").type != pafs.FileType.NotFound and not overwrite:
         raise SynferError("output", config.output, "a directory without a trained model/ (this one is finished); "
                                                    "use another output or --overwrite")
     precision = _precision(config)
     prepared = prepare_data(config, classes)
-    if overwrite and output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "train_config.json").write_text(config.model_dump_json(indent=2))
+    if overwrite:
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+    location = config.output.rstrip("/") if is_uri(config.output) else root
     lineage = {f"lineage.train.{i}": source.lineage for i, (_, source, _) in enumerate(prepared.train_sources)}
     if prepared.test:
         lineage["lineage.test"] = prepared.test[1].lineage
-    with start_run(config.tracking, config.name) as run:
+    with start_run(config.tracking, config.name) as run, _run_directory(config.output) as output:
+        (output / "train_config.json").write_text(config.model_dump_json(indent=2))
         run.log_params({"config": config.model_dump(mode="json"), **lineage})
         run.set_tags({"synfer.job": "train"})
         ensure_ray(config.ray)
@@ -357,7 +378,7 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
             torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
             datasets={"train": train, "validation": validation},
             run_config=ray.train.RunConfig(
-                name=config.name, storage_path=str(output / "ray"),
+                name=config.name, storage_path=f"{location}/ray",
                 failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_accuracy",
                                                              checkpoint_score_order="max")))
@@ -370,7 +391,7 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
             history = json.loads((Path(directory) / STATE_NAME).read_text())["history"]
         summary: dict[str, Any] = {"best_epoch": int(best_metrics["epoch"]),
                                    "best_val_accuracy": best_metrics["val_accuracy"], "history": history,
-                                   "model": str(output / MODEL_DIR), "lineage": lineage,
+                                   "model": f"{location}/{MODEL_DIR}", "lineage": lineage,
                                    "mlflow_run_id": run.run_id}
         if prepared.test:
             from synfer_ray.evaluate import write_report
