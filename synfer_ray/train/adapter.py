@@ -76,7 +76,7 @@ def run_train_adapter(config: AdapterTrainConfig, overwrite: bool = False) -> di
         latents = encoded_latents(faces, Path(components), manifest.classes, manifest.au_names,
                                   config.stage.au_jitter, manifest.resolution,
                                   actors=max(1, int(config.ray.num_cpus or 2) // 2),
-                                  use_gpu=config.scaling.use_gpu)
+                                  directory=output / "latents", use_gpu=config.scaling.use_gpu)
         job = stage_job("adapter", Path(components), config.stage, config.seed, config.scaling, run,
                         caption_dropout=config.stage.caption_dropout, ema_decay=config.stage.ema_decay,
                         trainable=("au_adapter",), adapter_source=str(bundle))

@@ -54,21 +54,20 @@ def check_faces(settings: LabelledFacesConfig, classes: Sequence[str], field: st
 
 
 def read_faces(source: FaceSource, settings: LabelledFacesConfig, seed: int, columns: Sequence[str] = ()):
-    """Ray Data over the source's rows (the chosen part, a seeded subset when ``limit`` is set)."""
+    """Ray Data over the source's rows: the chosen part, and with ``limit`` each row kept with
+    probability limit / rows by a seeded hash of its id (about ``limit`` rows, the same every run;
+    no shuffle of the source)."""
     import pyarrow.dataset as pads
     import ray.data
 
-    from synfer_ray.data.faces import in_part
-    present = set(pads.dataset(source.data_path, format="parquet").schema.names)
-    wanted = ["image", "label"] + [c for c in columns if c in present]
+    from synfer_ray.data.faces import RowSelection
+    table = pads.dataset(source.data_path, format="parquet")
+    wanted = ["image", "label"] + [c for c in columns if c in table.schema.names]
     dataset = ray.data.read_parquet(source.data_path, columns=wanted)
-    if settings.part:
-        part = settings.part
-        dataset = dataset.map_batches(lambda b: {k: v[in_part(b["image"], part)] for k, v in b.items()},
-                                      batch_format="numpy")
-    if settings.limit:
-        dataset = dataset.random_shuffle(seed=seed).limit(settings.limit)
-    return dataset
+    available = table.count_rows() / (int(settings.part.split("/")[1]) if settings.part else 1)
+    keep = min(1.0, settings.limit / available) if settings.limit and available else 1.0
+    selection = RowSelection(part=settings.part, keep=keep, seed=seed)
+    return dataset.map_batches(selection, batch_format="numpy") if selection != RowSelection(seed=seed) else dataset
 
 
 def decoded_pixels(dataset, classes: Sequence[str], image_size: int):
@@ -81,20 +80,32 @@ def decoded_pixels(dataset, classes: Sequence[str], image_size: int):
 
 
 def encoded_latents(dataset, components: Path, classes: Sequence[str], au_names: Sequence[str],
-                    au_jitter: float, image_size: int, actors: int, use_gpu: bool = False):
-    """Latents, tokens and AUs for every row, computed once by a pool of VAE actors and kept; on a
-    GPU each when the training runs on GPUs (an SD VAE at 512 px is slow on CPUs)."""
+                    au_jitter: float, image_size: int, actors: int, directory: Path, use_gpu: bool = False):
+    """Latents, tokens and AUs for every row, computed once by a pool of VAE actors (on a GPU each
+    when the training runs on GPUs: an SD VAE at 512 px is slow on CPUs) and written as Parquet
+    under ``directory`` by Ray Data; the training stage streams them back from there. Nothing is
+    held in the object store, and a rerun reuses a finished directory."""
     import ray.data
 
     from synfer_ray.data.conditioning import EncodeForDenoiser
-    num_gpus = 1 if use_gpu else 0
-    return dataset.map_batches(
-        EncodeForDenoiser, batch_size=128, batch_format="numpy",
-        fn_constructor_kwargs={"components": str(components), "classes": tuple(classes),
-                               "au_names": tuple(au_names), "au_jitter": au_jitter, "image_size": image_size,
-                               "num_gpus": num_gpus},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=1,
-        num_gpus=num_gpus).materialize()
+    if not (directory / LATENTS_DONE).is_file():
+        staged = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        num_gpus = 1 if use_gpu else 0
+        dataset.map_batches(
+            EncodeForDenoiser, batch_size=128, batch_format="numpy",
+            fn_constructor_kwargs={"components": str(components), "classes": tuple(classes),
+                                   "au_names": tuple(au_names), "au_jitter": au_jitter, "image_size": image_size,
+                                   "num_gpus": num_gpus},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=1,
+            num_gpus=num_gpus).write_parquet(str(staged))
+        (staged / LATENTS_DONE).write_text("")
+        shutil.rmtree(directory, ignore_errors=True)
+        staged.rename(directory)
+    return ray.data.read_parquet(str(directory))
+
+
+LATENTS_DONE = "_SUCCESS"  # written last: a latents directory without it is redone
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -312,7 +323,7 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
                                                     ("au_adapter", stage.train_adapter)) if on)
             latents = encoded_latents(faces, components, classes, au_names, stage.au_jitter, resolution,
                                       actors=max(1, int(config.ray.num_cpus or 2) // 2),
-                                      use_gpu=config.scaling.use_gpu)
+                                      directory=output / "latents", use_gpu=config.scaling.use_gpu)
             job = stage_job("denoiser", components, stage, config.seed, config.scaling, run,
                             caption_dropout=stage.caption_dropout, ema_decay=stage.ema_decay, trainable=trainable,
                             **lora_settings(stage))
@@ -345,13 +356,12 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
 
 
 def au_rows(source: FaceSource) -> int:
-    """How many rows carry their own AU vector."""
+    """How many rows carry their own AU vector (streamed: the column never sits whole on the driver)."""
     import pyarrow.dataset as pads
     dataset = pads.dataset(source.data_path, format="parquet")
     if "aus" not in dataset.schema.names:
         return 0
-    column = dataset.to_table(columns=["aus"]).column("aus")
-    return len(column) - column.null_count
+    return sum(batch.num_rows - batch.column(0).null_count for batch in dataset.to_batches(columns=["aus"]))
 
 
 def write_bundle(components: Path, target: Path, classes: Sequence[str], resolution: int,
