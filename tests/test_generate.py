@@ -357,3 +357,26 @@ def test_twenty_thousand_rows_cost_the_driver_no_more_memory_than_two_thousand(r
     assert large["rss_mb"] <= 1.15 * small["rss_mb"]
     card, problems = inspect_dataset(str(tmp_path / "ds-20000"))
     assert problems == [] and card["shards"] == large["shards"]
+
+
+@pytest.mark.slow
+def test_bf16_generation_with_labels_matches_fp32_within_rounding(ray_cluster, tiny_bundle_path, voters, tmp_path):
+    """The same config in bf16 and fp32 through the whole pipeline (generator and labeler pools):
+    every row labelled, the precision recorded, the images a few levels apart at most."""
+    def run(precision: str):
+        raw = raw_config(tiny_bundle_path, tmp_path / precision, voters)
+        raw.update(count=16, rows_per_shard=8, precision=precision)
+        run_generate(build_config(GenerateConfig, raw), progress=False)
+        table = pq.read_table(tmp_path / precision / "data").sort_by("sample_id")
+        assert table.column("precision").to_pylist() == [precision] * 16
+        assert all(len(v) == 2 for v in table.column("votes").to_pylist())
+        return table
+
+    full, half = run("fp32"), run("bf16")
+    from synfer_ray.images import decode_rgb
+    difference = np.stack([np.abs(decode_rgb(a).astype(int) - decode_rgb(b).astype(int))
+                           for a, b in zip(full.column("image").to_pylist(), half.column("image").to_pylist())])
+    print(f"bf16 vs fp32 through generate: max pixel difference {difference.max()}/255, mean {difference.mean():.2f}")
+    assert difference.mean() < 3 and difference.max() <= 64
+    soft = np.abs(np.array(full.column("soft_label").to_pylist()) - np.array(half.column("soft_label").to_pylist()))
+    assert soft.max() < 0.1  # the labelers, in bf16 too, see nearly the same faces
