@@ -100,16 +100,21 @@ class Check:
             self.notes.append("Ray's node start timed out once; tried again")
             return self._synfer(stage, *args, timeout=timeout)
 
+    def launch(self, command: list[str], sink) -> subprocess.Popen:
+        """``command`` in a process group of its own (stopped whole), logged to ``sink``."""
+        sink.write("$ " + " ".join(command) + "\n")
+        sink.flush()
+        process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                   env=stage_environment(), start_new_session=True)
+        self.sessions.append(process.pid)
+        return process
+
     def _synfer(self, stage: str, *args: str, timeout: float | None = None) -> Path:
         log = self.out / "logs" / f"{stage}.log"
         command = [sys.executable, "-m", "synfer_ray.cli", *args]
         name = "synfer " + " ".join(args[:2] if args[0] == "bundle" else args[:1])
         with open(log, "a") as sink:
-            sink.write("$ " + " ".join(command) + "\n")
-            sink.flush()
-            process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-                                       env=stage_environment(), start_new_session=True)
-            self.sessions.append(process.pid)
+            process = self.launch(command, sink)
             try:
                 code = process.wait(timeout=timeout or self.timeout)
             except subprocess.TimeoutExpired:
@@ -291,11 +296,7 @@ def stage_serve(check: Check) -> str:
                f"precision={check.precision}", "num_cpus=1", "torch_threads=2", "autoscaling.max_replicas=1",
                "ray.num_cpus=4"]
     with open(log, "a") as sink:
-        sink.write("$ " + " ".join(command) + "\n")
-        sink.flush()
-        server = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-                                  env=stage_environment(), start_new_session=True)
-        check.sessions.append(server.pid)
+        server = check.launch(command, sink)
         try:
             base = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + check.timeout
