@@ -6,8 +6,10 @@
     GET  /                a page to tune faces in a browser (static/index.html)
 
 Rows of concurrent requests are sampled together (``@serve.batch``) up to ``max_batch_size``. A
-request served alone is sampled exactly as ``synfer generate-one`` samples it, so it returns the
-same bytes; batched with other requests a pixel may differ by float rounding (1/255 at most seen).
+request's rows are never split between batches, so a request of up to ``max_batch_size`` rows
+served alone is sampled exactly as ``synfer generate-one`` samples it and returns the same bytes (at
+the same ``torch_threads``); batched with other requests a pixel may differ by float rounding (1/255
+at most seen).
 
 The replica fails closed: with ``api_key_env`` set it refuses to start unless that variable holds a
 key, and then every generate request must carry it in ``X-API-Key`` (Ray's token auth does not
@@ -184,6 +186,11 @@ class BodyLimit:
 api.add_middleware(BodyLimit)  # before @serve.ingress freezes the app
 
 
+def _rows_in(items: list[tuple[list[Any], Any, Any]]) -> int:
+    """A batch's size for ``@serve.batch``: its rows, not its chunks."""
+    return sum(len(rows) for rows, _, _ in items)
+
+
 class _Ticket:
     """One request's claim on the sampler: how many of its rows have started, and whether it gave up."""
 
@@ -221,9 +228,10 @@ class SynferGenerator:
         # their request timed out or went away first (reported by /healthz).
         self.rows_queued = self.rows_sampled = self.rows_released = 0
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _sample(self, items: list[tuple[Any, Any, _Ticket]]) -> list[Any]:
-        """Rows from any requests; rows sharing settings are sampled as one batch, in arrival order."""
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, batch_size_fn=_rows_in)
+    async def _sample(self, items: list[tuple[list[Any], Any, _Ticket]]) -> list[list[Any]]:
+        """Chunks of rows from any requests (each chunk one request's, at most ``max_batch_size`` rows,
+        never split across batches); chunks sharing settings are sampled as one batch, in arrival order."""
         groups: dict[Any, list[int]] = defaultdict(list)
         for index, (_, settings, _) in enumerate(items):
             groups[settings].append(index)
@@ -234,30 +242,36 @@ class SynferGenerator:
             indices = [i for i in indices if not items[i][2].released]
             if not indices:
                 continue
+            rows = [row for i in indices for row in items[i][0]]
             for i in indices:
-                items[i][2].started += 1
-            self.rows_queued -= len(indices)
-            self.rows_sampled += len(indices)
+                items[i][2].started += len(items[i][0])
+            self.rows_queued -= len(rows)
+            self.rows_sampled += len(rows)
             # In a thread, so /healthz and request parsing stay responsive while sampling.
-            images = await loop.run_in_executor(None, self.sampler.generate, [items[i][0] for i in indices],
-                                                settings)
-            for i, image in zip(indices, images):
-                results[i] = image
+            images = iter(await loop.run_in_executor(None, self.sampler.generate, rows, settings))
+            for i in indices:
+                results[i] = [next(images) for _ in items[i][0]]
         return results
 
     async def _sample_rows(self, rows: list[Any], settings: Any) -> list[Any]:
         """The rows' images through the shared batch queue, or 504 after ``request_timeout_s``.
 
+        A request's rows enter the queue as chunks of at most ``max_batch_size`` rows, and a chunk is
+        never split between batches: a request of up to ``max_batch_size`` rows is sampled as one
+        batch, as ``generate-one`` samples it, whatever else is queued.
+
         What a request that times out, or is cancelled (its client went away, Serve's own timeout),
-        releases: its rows still in the batch queue are dropped before a batch takes them (Ray's
-        @serve.batch skips calls whose caller was cancelled), and so are its rows in a later
+        releases: its chunks still in the batch queue are dropped before a batch takes them (Ray's
+        @serve.batch skips calls whose caller was cancelled), and so are its chunks in a later
         settings group of a batch already running (``_sample`` reads the ticket before each group).
         Rows already handed to the sampler finish, since a batch is one tensor that may hold other
         requests' rows, and their images are thrown away. Labelling and PNG encoding never start.
         """
         ticket = _Ticket()
         self.rows_queued += len(rows)
-        work = asyncio.gather(*[self._sample((row, settings, ticket)) for row in rows])
+        size = self.config.max_batch_size
+        chunks = [rows[start:start + size] for start in range(0, len(rows), size)]
+        work = asyncio.gather(*[self._sample((chunk, settings, ticket)) for chunk in chunks])
         done: set = set()
         try:
             done, _ = await asyncio.wait([work], timeout=self.config.request_timeout_s)
@@ -272,7 +286,7 @@ class SynferGenerator:
         if not done:
             raise HTTPException(status_code=504, detail=f"generation took longer than the server's "
                                                         f"request_timeout_s ({self.config.request_timeout_s} s)")
-        return work.result()
+        return [image for chunk in work.result() for image in chunk]
 
     def _encode_and_label(self, images: list[Any], png_only: bool) -> tuple[list[bytes], list[tuple[str, dict]]]:
         """PNG bytes of each image, and (label, probabilities) from the voters' weighted vote as in

@@ -14,7 +14,15 @@ import torch
 from synfer_ray.bundle import load_bundle, make_tiny_bundle
 from synfer_ray.generator.sampler import GuidedSampler
 
-torch.set_num_threads(2)
+TORCH_THREADS = 2
+torch.set_num_threads(TORCH_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Code under test may set torch's thread count in this process; the next test starts at 2 again."""
+    yield
+    torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")
