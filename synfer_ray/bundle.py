@@ -73,6 +73,12 @@ class BundleManifest:
                               f"<= {FORMAT_VERSION}; upgrade synfer-ray to read this bundle")
         return manifest
 
+    @property
+    def caption_style(self) -> str:
+        """The prompts this bundle expects (taxonomy.CAPTION_STYLES): "expression" where it was
+        trained on expression-only captions, else "attributes" (SD bases, older bundles)."""
+        return (self.training or {}).get("captions") or "attributes"
+
     def write(self, path: Path) -> None:
         (path / MANIFEST_NAME).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 

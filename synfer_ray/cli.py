@@ -146,6 +146,35 @@ def bundle_quality(
     typer.echo(f"report: {out}")
 
 
+@bundle_app.command("sg-sweep")
+def bundle_sg_sweep(
+    bundle: Path = typer.Argument(..., help="Bundle directory (its sg_classifier/ guides)."),
+    evaluator: Path = typer.Option(..., help="A FER classifier trained on real faces (not the bundle's guide)."),
+    out: Path = typer.Option(..., help="Directory for sweep.json, sweep.md and a contact sheet per point."),
+    target: list[str] = typer.Option(["text", "au", "both"], help="SG targets to sweep (repeatable)."),
+    scale: list[float] = typer.Option([2, 4, 8, 16, 32], help="SG scales, percent of the norm (repeatable)."),
+    per_class: int = typer.Option(50, help="Samples per class and point (the same seeds at every point)."),
+    steps: int = typer.Option(25, help="Sampling steps."),
+    cfg_scale: float = typer.Option(3.0, help="Classifier-free guidance scale."),
+    sg_window: float = typer.Option(0.4, help="Fraction of late steps with semantic guidance."),
+    scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),
+    seed: int = typer.Option(10_000, help="Seed of the first sample."),
+) -> None:
+    """Evaluator agreement, diversity and a contact sheet for each SG target and scale."""
+    from synfer_ray.generator.sampler import SamplerSettings
+    from synfer_ray.train.generator_report import sg_sweep
+    try:
+        base = SamplerSettings(steps=steps, cfg_scale=cfg_scale, sg_window=sg_window, scheduler=scheduler)
+        for name in target:
+            SamplerSettings(sg_target=name)  # refused here, before any sampling, naming sg_target
+        if any(value < 0 for value in scale):
+            raise SynferError("--scale", scale, "SG scales >= 0")
+        report = sg_sweep(bundle, str(evaluator), base, target, scale, per_class, seed, out, log=typer.echo)
+    except SynferError as error:
+        _fail(error)
+    typer.echo(f"report: {out / 'sweep.md'} ({len(report['points'])} points)")
+
+
 @bundle_app.command("info")
 def bundle_info(path: Path = typer.Argument(..., help="Bundle directory.")) -> None:
     """Print a bundle's manifest after checking its content hash."""
@@ -174,7 +203,9 @@ def data_import(
     caption_column: Optional[str] = typer.Option(None, help="Parquet: a caption column."),
     aus_column: Optional[str] = typer.Option(None, help="Parquet: an AU-vector column."),
     au_set: Optional[str] = typer.Option(None, help="AU names of the AU column: fineface12 or opengraphau41."),
-    id_column: Optional[str] = typer.Option(None, help="Parquet: a stable row id (default: file:row)."),
+    id_column: Optional[str] = typer.Option(None, help="Parquet: a stable row id (default: a hash of the image)."),
+    usage_column: Optional[str] = typer.Option(
+        None, help="Parquet: FER-2013-style Usage (Training / PublicTest / PrivateTest); CSV: Usage when present."),
     val_fraction: float = typer.Option(0.1, help="Share of rows for validation (by id hash)."),
     seed: int = typer.Option(0, help="Seed of the split hash."),
     skip_bad: bool = typer.Option(False, help="Drop corrupt images and unknown labels (listed in the report)."),
@@ -188,6 +219,7 @@ def data_import(
                                 image_column=image_column, label_column=label_column,
                                 caption_column=caption_column, aus_column=aus_column,
                                 au_names=taxonomy.au_set(au_set) if au_set else None, id_column=id_column,
+                                usage_column=usage_column,
                                 val_fraction=val_fraction, seed=seed, skip_bad=skip_bad)
         report = import_faces(source, out, options)
     except SynferError as error:
@@ -225,8 +257,9 @@ def generate_one(
     steps: int = typer.Option(25, help="DDIM steps."),
     cfg_scale: float = typer.Option(3.0, help="Classifier-free guidance scale (1 = off)."),
     au_scale: float = typer.Option(1.0, help="Weight of the AU attention (0 = text only)."),
-    sg_scale: float = typer.Option(0.0, help="Semantic-guidance step size (0 = off)."),
+    sg_scale: float = typer.Option(0.0, help="Semantic-guidance step: percent of the steered norm (0 = off)."),
     sg_window: float = typer.Option(0.4, help="Fraction of late steps with semantic guidance."),
+    sg_target: str = typer.Option("text", help="What semantic guidance steers: text, au or both."),
     sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
     reference: Optional[Path] = typer.Option(None, help="Reference face for layout initialisation."),
     scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),
@@ -238,7 +271,8 @@ def generate_one(
     try:
         written = generate_pngs(bundle, expression, out, aus=_parse_aus(au), prompt=prompt, seed=seed, n=n,
                                 steps=steps, cfg_scale=cfg_scale, au_scale=au_scale, sg_scale=sg_scale,
-                                sg_window=sg_window, sg_classifier=sg_classifier, reference=reference,
+                                sg_window=sg_window, sg_target=sg_target, sg_classifier=sg_classifier,
+                                reference=reference,
                                 scheduler=scheduler, precision=precision, device=device)
     except SynferError as error:
         _fail(error)

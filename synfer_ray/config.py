@@ -57,8 +57,9 @@ class SamplingConfig(_Strict):
     steps: int = Field(25, ge=1, le=1000)
     cfg_scale: float = Field(3.0, ge=0)
     au_scale: float = Field(1.0, ge=0)
-    sg_scale: float = Field(0.0, ge=0)
+    sg_scale: float = Field(0.0, ge=0)  # percent of the steered conditioning's norm per guided step
     sg_window: float = Field(0.4, ge=0, le=1)
+    sg_target: Literal["text", "au", "both"] = "text"
     sg_classifier: str | None = None
 
 
@@ -402,6 +403,7 @@ class ServeConfig(_Strict):
     torch_threads: int = Field(2, ge=1)
     precision: Precision = "auto"  # the replica's weights and activations, as in generate
     scheduler: Scheduler = "ddim"  # a request's default sampler
+    sg_target: Literal["text", "au", "both"] = "text"  # a request's default semantic-guidance target
     max_ongoing_requests: int = Field(32, ge=1)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()
@@ -490,6 +492,12 @@ class DenoiserStageConfig(StageConfig):
     train_text_encoder: bool = True
     train_adapter: bool = True
     au_jitter: float = Field(0.1, ge=0, le=1)  # prototype AUs for rows without AUs
+    # Captions for rows without one: only the expression (the text path learns the class), or the
+    # attribute template older bundles were trained with (taxonomy.CAPTION_STYLES).
+    captions: Literal["expression", "attributes"] = "expression"
+    # Each class's rows are repeated about (largest class / class) ** class_balance times: 1 samples
+    # the classes evenly (disgust is 1.5% of FER-2013 train), 0 keeps the data's own mix.
+    class_balance: float = Field(1.0, ge=0, le=1)
     unet_mode: Literal["full", "lora"] = "full"  # lora: train low-rank adapters (``lora``), not every weight
     lora: LoRAConfig = LoRAConfig()
 

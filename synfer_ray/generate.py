@@ -118,7 +118,7 @@ def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJo
     spec = ManifestSpec(seed=config.seed, classes=manifest.classes, class_weights=tuple(float(w) for w in weights),
                         au_names=manifest.au_names, au_jitter=config.aus.jitter,
                         extra_au_probability=config.aus.extra_probability, extra_au_max=config.aus.extra_max,
-                        class_assignment=config.class_assignment)
+                        class_assignment=config.class_assignment, caption_style=manifest.caption_style)
     first_count = config.count or sum(wanted.values())
     first = Pass(index=0, start=0, count=first_count, rows_per_shard=shard_size(config, manifest.resolution)(first_count))
     store = ShardStore(config.output)

@@ -58,8 +58,11 @@ class GenerateRequest(BaseModel):
         None, description="Sampler; default: the server's (ServeConfig.scheduler).")
     cfg_scale: float = Field(3.0, ge=0, le=30, description="Classifier-free guidance scale; 1 = off.")
     au_scale: float = Field(1.0, ge=0, le=4, description="Weight of the AU attention; 0 = text only.")
-    sg_scale: float = Field(0.0, ge=0, le=30, description="Semantic-guidance step size; 0 = off.")
+    sg_scale: float = Field(0.0, ge=0, le=100, description="Semantic-guidance step, percent of the norm of what it "
+                                                           "steers; 0 = off.")
     sg_window: float = Field(0.4, ge=0, le=1, description="Fraction of late steps with semantic guidance.")
+    sg_target: Literal["text", "au", "both"] | None = Field(
+        None, description="What semantic guidance steers; default: the server's (ServeConfig.sg_target).")
     format: Literal["json", "png"] = Field("json", description="'png' returns image/png bytes (n must be 1).")
 
 
@@ -320,6 +323,7 @@ class SynferGenerator:
         try:
             settings = SamplerSettings(steps=steps, cfg_scale=request.cfg_scale, au_scale=request.au_scale,
                                        sg_scale=request.sg_scale, sg_window=request.sg_window,
+                                       sg_target=request.sg_target or config.sg_target,
                                        scheduler=request.scheduler or config.scheduler)
             target, rows = expression_requests(self.bundle, request.expression, request.aus, request.prompt,
                                                request.seed, request.n)

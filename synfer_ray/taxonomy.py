@@ -68,6 +68,13 @@ PROMPT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 PROMPT_TEMPLATE = ("a close-up photo of the face of a {age} {ethnicity} {gender} with {hair}, "
                    "{accessory}, {pose}, {lighting}, {background}, {expression}")
+# Captions that say only what a label tells: the expression, in varied wording.
+EXPRESSION_TEMPLATES = ("{expression}", "a photo of {expression}", "a close-up photo showing {expression}",
+                        "a face showing {expression}", "someone showing {expression}", "a picture of {expression}")
+# How a bundle's captions were written for faces without one, and so what prompts it expects:
+# "attributes" (PROMPT_TEMPLATE: Stable Diffusion bases, bundles trained before captions were
+# honest) or "expression" (EXPRESSION_TEMPLATES).
+CAPTION_STYLES = ("attributes", "expression")
 
 # Independent random streams per purpose, so adding an attribute never shifts the sampled AUs.
 _STREAM_CLASS, _STREAM_AUS, _STREAM_PROMPT = 1, 2, 3
@@ -141,9 +148,17 @@ def sample_target_aus(seed: int, expression: str, au_names: Sequence[str], jitte
 
 def build_prompt(seed: int, expression: str,
                  attributes: Mapping[str, Sequence[str]] = PROMPT_ATTRIBUTES,
-                 template: str = PROMPT_TEMPLATE) -> str:
-    """A caption from the attribute vocabularies and an expression phrase, fixed by ``seed``."""
+                 template: str = PROMPT_TEMPLATE, style: str = "attributes") -> str:
+    """A caption fixed by ``seed``: an expression phrase in the attribute template (random attributes
+    that say nothing about any image), or with ``style="expression"`` only the phrase in one of
+    :data:`EXPRESSION_TEMPLATES`."""
     rng = _rng(seed, _STREAM_PROMPT)
+    if style == "expression":
+        phrases = EXPRESSION_PHRASES[expression]
+        wording = EXPRESSION_TEMPLATES[int(rng.integers(len(EXPRESSION_TEMPLATES)))]
+        return wording.format(expression=phrases[int(rng.integers(len(phrases)))])
+    if style != "attributes":
+        raise SynferError("captions", style, f"one of {list(CAPTION_STYLES)}")
     chosen = {key: options[int(rng.integers(len(options)))] for key, options in sorted(attributes.items())}
     phrases = EXPRESSION_PHRASES[expression]
     chosen["expression"] = phrases[int(rng.integers(len(phrases)))]

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"sd15-1m.yaml": GenerateConfig, "train-fer2013.yaml": TrainConfig, "train-r50.yaml": TrainConfig,
           "serve.yaml": ServeConfig, "pipeline-tiny.yaml": PipelineConfig, "fer2013-guide.yaml": TrainConfig,
           "fer2013-evaluator.yaml": TrainConfig, "train-labeler.yaml": TrainConfig,
-          "train-adapter.yaml": AdapterTrainConfig, "study.yaml": StudyConfig, "pipeline-gpu.yaml": PipelineConfig}
+          "train-adapter.yaml": AdapterTrainConfig, "study.yaml": StudyConfig, "pipeline-gpu.yaml": PipelineConfig,
+          "faces-48-v2.yaml": GeneratorTrainConfig}
 PRESETS = {"tiny": GenerateConfig, "faces-48": GeneratorTrainConfig, "tiny-generator": GeneratorTrainConfig}
 
 

@@ -65,6 +65,57 @@ def test_fer2013_csv_with_codes_becomes_png_faces(tmp_path):
     assert Image.open(io.BytesIO(table.column("image")[0].as_py())).size == (48, 48)
 
 
+def fer_csv(path, rows) -> None:
+    """A FER-2013-style CSV of (code, grey level, Usage) rows, each face one flat grey level."""
+    lines = ["emotion,pixels,Usage"] + [f"{code},{' '.join([str(level)] * 2304)},{usage}"
+                                        for code, level, usage in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_usage_keeps_fer2013_test_splits_apart(tmp_path):
+    rows = [(k % 7, k, "Training") for k in range(60)] + [(k % 7, 100 + k, "PublicTest") for k in range(14)] + \
+        [(k % 7, 200 + k, "PrivateTest") for k in range(7)]
+    fer_csv(tmp_path / "fer.csv", rows)
+    report = import_faces(tmp_path / "fer.csv", tmp_path / "out", ImportOptions(val_fraction=0.3))
+    assert report["rows"]["public_test"] == 14 and report["rows"]["private_test"] == 7
+    assert report["rows"]["train"] + report["rows"]["validation"] == 60 and report["rows"]["validation"] > 0
+    levels = {split: {Image.open(io.BytesIO(data)).getpixel((0, 0))
+                      for data in read(tmp_path / "out", split).column("image").to_pylist()}
+              for split in ("train", "validation", "public_test", "private_test")}
+    assert levels["train"] | levels["validation"] == set(range(60))  # no test face in train or validation
+    assert levels["public_test"] == set(range(100, 114)) and levels["private_test"] == set(range(200, 207))
+    fer_csv(tmp_path / "bad.csv", [(0, 1, "Training"), (1, 2, "Validation")])
+    with pytest.raises(SynferError, match="Usage.*PublicTest"):
+        import_faces(tmp_path / "bad.csv", tmp_path / "out-bad", ImportOptions())
+    assert not list((tmp_path / "out-bad").glob("*.parquet*"))  # nothing staged survives a refusal
+
+
+def test_csv_and_parquet_row_ids_come_from_content_not_position(tmp_path):
+    rows = [(k % 7, k, "Training") for k in range(40)]
+    fer_csv(tmp_path / "a.csv", rows)
+    fer_csv(tmp_path / "b.csv", [(0, 250, "Training"), (0, 5, "Training")] + rows[::-1])  # reordered, one copy more
+    import_faces(tmp_path / "a.csv", tmp_path / "out-a", ImportOptions(val_fraction=0.3))
+    report = import_faces(tmp_path / "b.csv", tmp_path / "out-b", ImportOptions(val_fraction=0.3))
+
+    def ids(out, split):
+        return set(read(out, split).column("source_id").to_pylist())
+    for split in ("train", "validation"):  # every row of a keeps its id and its split in b
+        assert ids(tmp_path / "out-a", split) <= ids(tmp_path / "out-b", split)
+    copies = [i for i in ids(tmp_path / "out-b", "train") | ids(tmp_path / "out-b", "validation") if "#" in i]
+    assert len(copies) == 1 and report["repeated_ids"]["count"] == 1
+    original = copies[0].split("#")[0]
+    assert any(original in ids(tmp_path / "out-b", s) and copies[0] in ids(tmp_path / "out-b", s)
+               for s in ("train", "validation"))  # a copy lands in its original's split
+    pq.write_table(pa.table({"image": [png(i) for i in range(14)], "label": [CLASSES[i % 7] for i in range(14)]}),
+                   tmp_path / "c.parquet")
+    pq.write_table(pa.table({"image": [png(i) for i in range(13, -1, -1)],
+                             "label": [CLASSES[i % 7] for i in range(13, -1, -1)]}), tmp_path / "d.parquet")
+    for name in ("c", "d"):
+        import_faces(tmp_path / f"{name}.parquet", tmp_path / f"out-{name}", ImportOptions(val_fraction=0.3))
+    for split in ("train", "validation"):
+        assert ids(tmp_path / "out-c", split) == ids(tmp_path / "out-d", split)
+
+
 def test_parquet_with_other_column_names_and_a_label_map(tmp_path):
     pq.write_table(pa.table({"img": [png(i) for i in range(14)], "y": [i % 7 for i in range(14)],
                              "text": [f"face {i}" for i in range(14)], "key": [f"k{i}" for i in range(14)]}),

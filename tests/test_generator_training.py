@@ -49,10 +49,19 @@ def test_denoiser_loss_falls_and_dropout_gives_the_unconditional_input(parts):
     ids = parts.tokenizer(["a happy smile"] * 8, padding="max_length", max_length=77, return_tensors="pt").input_ids
     empty = parts.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     aus = torch.rand(8, 12)
-    dropped_ids, dropped_aus = drop_conditions(ids, aus, empty, 1.0)
-    assert torch.equal(dropped_ids, empty.expand_as(ids)) and torch.all(dropped_aus == 0)
-    kept_ids, kept_aus = drop_conditions(ids, aus, empty, 0.0)
-    assert torch.equal(kept_ids, ids) and torch.equal(kept_aus, aus)
+    dropped_ids, dropped = drop_conditions(ids, empty, 1.0)
+    assert torch.equal(dropped_ids, empty.expand_as(ids)) and not dropped.any()
+    kept_ids, kept = drop_conditions(ids, empty, 0.0)
+    assert torch.equal(kept_ids, ids) and kept.all()
+    # A dropped row gets the null AU tokens; neutral (all AUs zero) is a condition of its own.
+    adapter = parts.au_adapter
+    assert adapter.config.null_unconditional
+    with torch.no_grad():
+        assert torch.all(adapter.encode(aus, dropped) == 0)
+        assert torch.equal(adapter.encode(aus, kept), adapter.encode(aus))
+        neutral = adapter.encode(torch.zeros(1, 12))
+        assert torch.equal(adapter.unconditional(1), torch.zeros_like(neutral))
+        assert neutral.abs().mean() > 0.1
     latents = torch.randn(8, 4, 12, 12)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -270,7 +279,7 @@ def test_v_prediction_scheduler_trains_on_the_velocity():
     # The loss of a model that predicts zeros is the mean square of the target the loop drew.
     batch = {"latent_mean": torch.randn(3, 2, 4, 8, 8), "latent_std": torch.full((3, 2, 4, 8, 8), 0.1),
              "input_ids": torch.zeros(3, 77, dtype=torch.int32), "aus": torch.zeros(3, 12)}
-    zeros = lambda noisy, *_: torch.zeros_like(noisy)  # noqa: E731
+    zeros = lambda noisy, *_, **__: torch.zeros_like(noisy)  # noqa: E731
     loss = denoiser_loss(zeros, scheduler, batch, 0.5, torch.zeros(1, 77, dtype=torch.long), 0.0,
                          torch.Generator().manual_seed(4))
     generator = torch.Generator().manual_seed(4)

@@ -78,6 +78,63 @@ def test_semantic_guidance_lowers_the_guides_loss(sampler, tiny_bundle):
         assert torch.all(on < off)
 
 
+@pytest.mark.parametrize("sg_target", ["text", "au", "both"])
+def test_one_guidance_step_on_each_target_lowers_every_rows_loss(sampler, tiny_bundle, sg_target):
+    from synfer_ray.generator.guidance import SG_TARGETS, predicted_x0, semantic_guidance_step
+    from synfer_ray.generator.schedulers import alpha_bar_at, make_scheduler
+    classifier = tiny_bundle.sg_classifier
+    requests = rows(tiny_bundle, "happy", seeds=range(6))
+    targets = torch.tensor([classifier.classes.index("happy")] * len(requests))
+    scheduler = make_scheduler("ddim", tiny_bundle.scheduler.config)
+    scheduler.set_timesteps(10)
+    step, t = 7, scheduler.timesteps[7]
+    latents = sampler.initial_noise([r.seed for r in requests], scheduler)
+    alpha_bar = alpha_bar_at(scheduler, step, t)
+    conditions = {"text": sampler.encode_prompts([r.prompt for r in requests]),
+                  "au": sampler._au_tokens(np.stack([np.asarray(r.aus, np.float32) for r in requests])).float()}
+
+    def eps_of(text, au):
+        return sampler._eps(latents, t, text, au, 1.0)
+
+    def loss_of(conditions):
+        with torch.no_grad():
+            x0 = predicted_x0(latents, eps_of(**conditions), alpha_bar)
+            return F.cross_entropy(classifier(sampler.decode(x0)).float(), targets, reduction="none")
+
+    moved, before = semantic_guidance_step(conditions, SG_TARGETS[sg_target], eps_of, sampler.decode, classifier,
+                                           latents, alpha_bar, targets, step_size=2.0)
+    after = loss_of(moved)
+    print(f"{sg_target}: guide's CE {before.mean():.4f} -> {after.mean():.4f} after one step of 2% of the norm")
+    assert torch.allclose(before, loss_of(conditions), atol=1e-5)
+    assert torch.all(after < before)
+    for name, value in conditions.items():
+        change = (moved[name] - value).flatten(1).norm(dim=1) / value.flatten(1).norm(dim=1)
+        if name in SG_TARGETS[sg_target]:  # each steered condition moves by 2% of its own norm, per row
+            assert torch.allclose(change, torch.full_like(change, 0.02), atol=1e-4)
+        else:
+            assert torch.equal(moved[name], value)
+
+
+def test_neutral_is_guided_apart_from_the_unconditional_input(sampler, tiny_bundle):
+    adapter = tiny_bundle.au_adapter
+    assert not taxonomy.sample_target_aus(0, "neutral", tiny_bundle.au_names, extra_au_probability=0).any()
+    neutral = np.zeros(len(tiny_bundle.au_names), np.float32)  # neutral's prototype: no AU active
+    latents, t = torch.randn(1, 4, 6, 6), torch.tensor(500)
+    text = sampler._uncond_text(1)
+
+    def au_direction():  # what CFG amplifies through the AU pathway for a neutral row
+        with torch.no_grad():
+            cond = sampler._au_tokens(neutral[None])
+            return sampler._eps(latents, t, text, cond, 1.0) - sampler._eps(latents, t, text,
+                                                                            adapter.unconditional(1), 1.0)
+    assert adapter.config.null_unconditional and au_direction().abs().mean() > 1e-4
+    try:  # an adapter made before the null tokens: neutral was exactly the unconditional input
+        adapter.register_to_config(null_unconditional=False)
+        assert torch.equal(au_direction(), torch.zeros_like(latents))
+    finally:
+        adapter.register_to_config(null_unconditional=True)
+
+
 def test_layout_initialisation_uses_the_reference(sampler, tiny_bundle):
     settings = SamplerSettings(steps=6)
     reference = sampler.generate(rows(tiny_bundle, seeds=(11,)), settings)[0]

@@ -93,3 +93,27 @@ def test_cycled_manifest_gives_equal_counts_per_class_in_every_prefix():
     assert [r.target for r in rows[:7]] == list(classes)
     assert all(sum(r.target == c for r in rows) == 10 for c in classes)
     assert manifest_rows(spec, 21, 28)[3].seed == rows[24].seed  # still a pure function of the index
+
+
+def test_expression_captions_say_only_the_expression_in_varied_wording():
+    attribute_words = {word for options in taxonomy.PROMPT_ATTRIBUTES.values() for option in options
+                       for word in option.split()} - {"a", "with", "no", "face"}
+    for expression in taxonomy.AFFECTNET_7:
+        captions = {taxonomy.build_prompt(seed, expression, style="expression") for seed in range(60)}
+        assert len(captions) >= 8  # varied wording
+        for caption in captions:
+            assert any(phrase in caption for phrase in taxonomy.EXPRESSION_PHRASES[expression])
+            assert not set(caption.replace(",", " ").split()) & attribute_words, caption
+    assert taxonomy.build_prompt(3, "happy") == taxonomy.build_prompt(3, "happy", style="attributes")
+    with pytest.raises(SynferError, match="captions"):
+        taxonomy.build_prompt(3, "happy", style="poetic")
+
+
+def test_class_balanced_repeats_even_out_the_classes():
+    from synfer_ray.train.generator import class_repeats
+    counts = {"neutral": 4965, "happy": 7215, "disgust": 436, "sad": 4830}
+    classes = ["neutral", "happy", "disgust", "sad"]
+    repeats = class_repeats(counts, classes, 1.0)
+    shares = np.array([counts[c] for c in classes]) * repeats
+    assert repeats[2] == 17 and shares.max() / shares.min() < 1.6  # whole repeats: even up to rounding
+    assert list(class_repeats(counts, classes, 0.0)) == [1, 1, 1, 1]

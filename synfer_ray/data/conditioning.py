@@ -1,9 +1,10 @@
 """Labelled faces -> what the denoiser trains on: VAE latents, caption tokens and AU vectors.
 
-Rows with a ``caption`` keep it; others get a caption built from their label through the prompt
-vocabulary (the attributes are random and say nothing of the image: only the expression phrase
-does). Rows with an ``aus`` vector keep it; others get their class's prototype AUs with jitter,
-which is label conditioning, not AU control, and reports say so. Each row's choices are seeded by
+Rows with a ``caption`` keep it; others get one built from their label (``captions``:
+"expression" says only the expression, in varied wording; "attributes" adds random attributes that
+say nothing true of the image, as bundles trained before did). Rows with an ``aus`` vector keep
+it; others get their class's prototype AUs with jitter, which is label conditioning, not AU
+control, and reports say so. Each row's choices are seeded by
 a hash of its image bytes, so a re-run encodes the same rows the same way.
 """
 
@@ -25,12 +26,13 @@ def row_seed(image: bytes) -> int:
 
 def conditions(labels: Sequence[str], seeds: Sequence[int], au_names: Sequence[str], au_jitter: float,
                captions: Sequence[str | None] | None = None,
-               aus: Sequence[Sequence[float] | None] | None = None) -> tuple[list[str], np.ndarray]:
+               aus: Sequence[Sequence[float] | None] | None = None,
+               caption_style: str = "expression") -> tuple[list[str], np.ndarray]:
     """Each row's caption and AU vector: its own where given, else from its label."""
     texts, vectors = [], []
     for row, (label, seed) in enumerate(zip(labels, seeds)):
         caption = captions[row] if captions is not None else None
-        texts.append(caption if caption else taxonomy.build_prompt(seed, label))
+        texts.append(caption if caption else taxonomy.build_prompt(seed, label, style=caption_style))
         given = aus[row] if aus is not None else None
         vectors.append(np.asarray(given, np.float32) if given is not None
                        else taxonomy.sample_target_aus(seed, label, au_names, jitter=au_jitter,
@@ -48,7 +50,8 @@ class EncodeForDenoiser:
     """
 
     def __init__(self, components: str, classes: Sequence[str], au_names: Sequence[str], au_jitter: float,
-                 image_size: int, torch_threads: int = 1, num_gpus: float = 0, chunk: int = 16):
+                 image_size: int, torch_threads: int = 1, num_gpus: float = 0, chunk: int = 16,
+                 caption_style: str = "expression"):
         from diffusers import AutoencoderKL
         from transformers import CLIPTokenizer
 
@@ -60,7 +63,7 @@ class EncodeForDenoiser:
                                                  torch_dtype=torch.float32).to(self.device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(components, subfolder="tokenizer")
         self.classes, self.au_names = tuple(classes), tuple(au_names)
-        self.au_jitter, self.image_size = au_jitter, image_size
+        self.au_jitter, self.image_size, self.caption_style = au_jitter, image_size, caption_style
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
@@ -79,7 +82,8 @@ class EncodeForDenoiser:
         if not labelled:
             captions = [c or "" for c in captions]
             given_aus = [a if a is not None else np.zeros(len(self.au_names), np.float32) for a in given_aus]
-        texts, aus = conditions(labels, seeds, self.au_names, self.au_jitter, captions, given_aus)
+        texts, aus = conditions(labels, seeds, self.au_names, self.au_jitter, captions, given_aus,
+                                self.caption_style)
         pixels = torch.from_numpy(decoded["pixels"][valid]).permute(0, 3, 1, 2).float() / 127.5 - 1
         both = torch.cat([pixels, pixels.flip(-1)])
         means, stds = [], []

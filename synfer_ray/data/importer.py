@@ -6,14 +6,20 @@ The labelled-faces schema (Parquet, one file per split under the output director
     label      string     canonical class name of the chosen class set
     caption    string     optional free text (null when the source has none)
     aus        list<f32>  optional AU intensities in [0, 1], in the order of metadata synfer.au_names
-    source_id  string     stable id of the row in its source (file path, CSV row, Parquet key)
+    source_id  string     stable id of the row in its source (file path, Parquet key, or content)
 
 Sources: an image folder per class (RAF-DB / AffectNet style), a FER-2013-style CSV
 (``emotion,pixels[,Usage]``) or Parquet with other column names. Labels map through a given map
 (names or indices). Corrupt images, unknown labels and empty classes are refused with a count and
-examples (or, with ``skip_bad``, dropped and listed in ``import_report.json``). Rows go to
-``train`` or ``validation`` by a seeded hash of ``source_id``, so the split never depends on
-row order or on which other rows exist.
+examples (or, with ``skip_bad``, dropped and listed in ``import_report.json``).
+
+Row ids: a folder's file path, a Parquet ``--id-column``, or else the content: a hash of the image
+(``#2``, ``#3`` ... for further copies of the same image), never the row's position or the file's
+name, so adding, removing or reordering rows never changes another row's id. Rows go to ``train`` or
+``validation`` by a seeded hash of the id (of the content, for content ids: copies of one image
+land in the same split). A ``Usage`` column (FER-2013's; ``--usage-column`` for Parquet) keeps its
+splits apart: ``Training`` rows are split train/validation, ``PublicTest`` and ``PrivateTest`` go
+to ``public_test.parquet`` and ``private_test.parquet`` whole and never into train or validation.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 FER2013_CODES = {"0": "anger", "1": "disgust", "2": "fear", "3": "happy", "4": "sad", "5": "surprise",
                  "6": "neutral"}
 EXAMPLES = 5
+# FER-2013's Usage values -> our split (None: train/validation by the id hash).
+USAGE_SPLITS = {"Training": None, "PublicTest": "public_test", "PrivateTest": "private_test"}
 
 
 @dataclass
@@ -54,6 +62,7 @@ class ImportOptions:
     aus_column: str | None = None
     au_names: tuple[str, ...] | None = None
     id_column: str | None = None
+    usage_column: str | None = None  # CSV: "Usage" when the file has it
     val_fraction: float = 0.1
     seed: int = 0
     skip_bad: bool = False
@@ -67,6 +76,7 @@ class Row:
     pixels: np.ndarray | None = None
     caption: str | None = None
     aus: list[float] | None = None
+    usage: str | None = None
 
 
 @dataclass
@@ -80,8 +90,14 @@ class Rejections:
                                    for label, ids in self.unknown_label.items()}}
 
 
+def content_id(data: bytes) -> str:
+    """The id part that names an image by its bytes (decoded pixels for CSV rows)."""
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
+
+
 def split_of(source_id: str, val_fraction: float, seed: int) -> str:
-    """``train`` or ``validation``, from a seeded hash of the id alone."""
+    """``train`` or ``validation``, from a seeded hash of the id alone (a copy suffix ``#k`` aside)."""
+    source_id = source_id.split("#", 1)[0]
     digest = hashlib.blake2b(f"{seed}:{source_id}".encode(), digest_size=8).digest()
     return "validation" if int.from_bytes(digest, "big") / 2 ** 64 < val_fraction else "train"
 
@@ -111,41 +127,44 @@ def _csv_rows(source: Path, options: ImportOptions) -> Iterator[Row]:
     with source.open(newline="") as handle:
         reader = csv.DictReader(handle)
         label_column = "emotion" if options.label_column == "label" else options.label_column
-        missing = {label_column, "pixels"} - set(reader.fieldnames or [])
+        usage_column = options.usage_column or ("Usage" if "Usage" in (reader.fieldnames or []) else None)
+        missing = {label_column, "pixels", usage_column} - {None} - set(reader.fieldnames or [])
         if missing:
             raise SynferError("SRC", str(source), f"a CSV with columns {sorted({label_column, 'pixels'})} "
                                                   f"(FER-2013 style); missing {sorted(missing)}")
-        for index, record in enumerate(reader):
+        for record in reader:
             try:
                 values = np.array(record["pixels"].split(), dtype=np.uint8)
                 side = int(round(len(values) ** 0.5))
                 pixels = values.reshape(side, side) if side * side == len(values) and side else None
             except ValueError:
                 pixels = None
-            yield Row(source_id=f"{source.name}:{index}", label=record[label_column], pixels=pixels)
+            content = pixels.tobytes() if pixels is not None else record["pixels"].encode()
+            yield Row(source_id=content_id(content), label=record[label_column], pixels=pixels,
+                      usage=record[usage_column] if usage_column else None)
 
 
 def _parquet_rows(source: Path, options: ImportOptions) -> Iterator[Row]:
     import pyarrow.dataset as pads
     dataset = pads.dataset(str(source), format="parquet")
     wanted = [options.image_column, options.label_column] + [
-        c for c in (options.caption_column, options.aus_column, options.id_column) if c]
+        c for c in (options.caption_column, options.aus_column, options.id_column, options.usage_column) if c]
     missing = [c for c in wanted if c not in dataset.schema.names]
     if missing:
         raise SynferError("SRC", str(source), f"Parquet with columns {wanted}; missing {missing} "
                                               f"(name the columns with --image-column, --label-column, ...)")
-    index = 0
     for batch in dataset.to_batches(columns=wanted):
         columns = {name: batch.column(name).to_pylist() for name in wanted}
         for row in range(batch.num_rows):
-            source_id = str(columns[options.id_column][row]) if options.id_column else f"{source.name}:{index}"
             image = columns[options.image_column][row]
             if isinstance(image, dict):  # HF datasets' {"bytes": ..., "path": ...}
                 image = image.get("bytes")
+            source_id = str(columns[options.id_column][row]) if options.id_column else \
+                content_id(image or b"")
             yield Row(source_id=source_id, label=str(columns[options.label_column][row]), image=image,
                       caption=columns[options.caption_column][row] if options.caption_column else None,
-                      aus=columns[options.aus_column][row] if options.aus_column else None)
-            index += 1
+                      aus=columns[options.aus_column][row] if options.aus_column else None,
+                      usage=str(columns[options.usage_column][row]) if options.usage_column else None)
 
 
 def _canonical(label: str, options: ImportOptions) -> str | None:
@@ -197,19 +216,31 @@ def import_faces(source: str | Path, out: str | Path, options: ImportOptions) ->
         raise SynferError("--kind", kind, f"one of auto, {', '.join(readers)}")
     out.mkdir(parents=True, exist_ok=True)
     schema = _schema(options)
-    staged = {split: out / f".{split}.parquet.tmp" for split in ("train", "validation")}
-    writers = {split: pq.ParquetWriter(path, schema) for split, path in staged.items()}
-    buffers: dict[str, list[dict]] = {split: [] for split in writers}
-    counts = {split: {name: 0 for name in options.classes} for split in writers}
+    staged: dict[str, Path] = {}
+    writers: dict[str, pq.ParquetWriter] = {}
+    buffers: dict[str, list[dict]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    copies: dict[str, int] = {}  # content ids seen more than once, and how often
+    seen: set[str] = set()
     rejections = Rejections()
+
+    def open_split(split: str) -> None:
+        staged[split] = out / f".{split}.parquet.tmp"
+        writers[split] = pq.ParquetWriter(staged[split], schema)
+        buffers[split], counts[split] = [], {name: 0 for name in options.classes}
 
     def flush(split: str) -> None:
         if buffers[split]:
             writers[split].write_table(pa.Table.from_pylist(buffers[split], schema=schema))
             buffers[split].clear()
 
+    for split in ("train", "validation"):
+        open_split(split)
     try:
         for row in readers[kind](source, options):
+            if row.usage is not None and row.usage not in USAGE_SPLITS:
+                raise SynferError(options.usage_column or "Usage", row.usage,
+                                  f"one of {list(USAGE_SPLITS)} (row {row.source_id})")
             label = _canonical(row.label, options)
             if label is None:
                 rejections.unknown_label.setdefault(str(row.label), []).append(row.source_id)
@@ -221,7 +252,14 @@ def import_faces(source: str | Path, out: str | Path, options: ImportOptions) ->
             if row.aus is not None and options.au_names and len(row.aus) != len(options.au_names):
                 raise SynferError(f"{options.aus_column} of {row.source_id}", f"{len(row.aus)} values",
                                   f"{len(options.au_names)} AU intensities ({', '.join(options.au_names)})")
-            split = split_of(row.source_id, options.val_fraction, options.seed)
+            if row.source_id in seen:  # the same image again: its own id, the first copy's split
+                copies[row.source_id] = copies.get(row.source_id, 1) + 1
+                row.source_id = f"{row.source_id}#{copies[row.source_id]}"
+            else:
+                seen.add(row.source_id)
+            split = USAGE_SPLITS.get(row.usage) or split_of(row.source_id, options.val_fraction, options.seed)
+            if split not in writers:
+                open_split(split)
             buffers[split].append({"image": image, "label": label, "caption": row.caption,
                                    "aus": row.aus, "source_id": row.source_id})
             counts[split][label] += 1
@@ -229,13 +267,18 @@ def import_faces(source: str | Path, out: str | Path, options: ImportOptions) ->
                 flush(split)
         for split in writers:
             flush(split)
+    except BaseException:  # a refused row: nothing staged survives, nothing already written is replaced
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+        raise
     finally:
         for writer in writers.values():
             writer.close()
     report = {"source": str(source), "kind": kind, "classes": list(options.classes),
               "val_fraction": options.val_fraction, "seed": options.seed, "counts": counts,
               "rows": {split: sum(c.values()) for split, c in counts.items()}, "rejected": rejections.as_dict(),
-              "skip_bad": options.skip_bad, "schema": SCHEMA_VERSION}
+              "skip_bad": options.skip_bad, "schema": SCHEMA_VERSION,
+              "repeated_ids": {"count": len(copies), "examples": sorted(copies)[:EXAMPLES]}}
     try:
         _refuse_problems(report, rejections, options)
     except SynferError:
@@ -289,8 +332,9 @@ def parse_label_map(text: str | None) -> dict[str, str] | None:
 
 
 def class_counts_table(report: dict, classes: Sequence[str]) -> str:
-    lines = [f"{'class':<10} {'train':>8} {'validation':>10}"]
+    splits = list(report["counts"])  # train, validation, then public_test / private_test when imported
+    lines = [f"{'class':<10} " + " ".join(f"{split:>12}" for split in splits)]
     for name in classes:
-        lines.append(f"{name:<10} {report['counts']['train'][name]:>8} {report['counts']['validation'][name]:>10}")
-    lines.append(f"{'total':<10} {report['rows']['train']:>8} {report['rows']['validation']:>10}")
+        lines.append(f"{name:<10} " + " ".join(f"{report['counts'][split][name]:>12}" for split in splits))
+    lines.append(f"{'total':<10} " + " ".join(f"{report['rows'][split]:>12}" for split in splits))
     return "\n".join(lines)

@@ -33,6 +33,7 @@ class ManifestSpec:
     # A top-up pass (data/passes.py): rows from ``quota_start`` on take their class from ``quotas``.
     quotas: tuple[tuple[str, int], ...] = ()
     quota_start: int = 0
+    caption_style: str = "attributes"  # the bundle's (BundleManifest.caption_style)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def manifest_row(spec: ManifestSpec, index: int) -> ManifestRow:
                                      extra_au_probability=spec.extra_au_probability,
                                      extra_au_max=spec.extra_au_max)
     return ManifestRow(sample_id=index, seed=seed, target=target, aus=aus,
-                       prompt=taxonomy.build_prompt(seed, target))
+                       prompt=taxonomy.build_prompt(seed, target, style=spec.caption_style))
 
 
 def manifest_rows(spec: ManifestSpec, start: int, stop: int) -> list[ManifestRow]:

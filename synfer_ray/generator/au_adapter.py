@@ -4,6 +4,12 @@ IP-Adapter-style (METHOD.md section 1): every cross-attention layer of the UNet 
 projections for the AU tokens, and ``out = Attn(Q, K_txt, V_txt) + au_scale * Attn(Q, K_au, V_au)``.
 The AU tokens ride at the end of ``encoder_hidden_states``; the processor splits them off, so the
 UNet's call signature is unchanged and ``au_scale`` travels in ``cross_attention_kwargs``.
+
+The unconditional AU input (for CFG, and what condition dropout trains) is a row of zero tokens
+(``null_unconditional``): the AU attention then adds nothing. Neutral, whose AU vector is all zeros,
+is encoded like any other class and so stays a condition of its own. Adapters made before this
+(no ``null_unconditional`` in their config) used the encoded zero AU vector as the unconditional
+input, which made neutral rows unguidable; they keep that behaviour, since their weights learnt it.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ class AUAdapter(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, au_names: list[str], cross_attention_dim: int, layer_dims: dict[str, int],
-                 n_tokens: int = 4, hidden_dim: int = 256):
+                 n_tokens: int = 4, hidden_dim: int = 256, null_unconditional: bool = False):
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Linear(len(au_names), hidden_dim), nn.GELU(), nn.Linear(hidden_dim, n_tokens * cross_attention_dim))
@@ -54,17 +60,31 @@ class AUAdapter(ModelMixin, ConfigMixin):
         layers = cross_attention_layers(unet)
         adapter = cls(au_names=list(au_names), cross_attention_dim=unet.config.cross_attention_dim,
                       layer_dims={_layer_key(n): m.to_k.out_features for n, m in layers.items()},
-                      n_tokens=n_tokens, hidden_dim=hidden_dim)
+                      n_tokens=n_tokens, hidden_dim=hidden_dim, null_unconditional=True)
         with torch.no_grad():
             for name, module in layers.items():
                 adapter.to_k[_layer_key(name)].weight.copy_(module.to_k.weight)
                 adapter.to_v[_layer_key(name)].weight.copy_(module.to_v.weight)
         return adapter
 
-    def encode(self, aus: torch.Tensor) -> torch.Tensor:
-        """(batch, n_aus) intensities in [0, 1] -> (batch, n_tokens, cross_attention_dim) tokens."""
+    def encode(self, aus: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, n_aus) intensities in [0, 1] -> (batch, n_tokens, cross_attention_dim) tokens; rows
+        whose ``keep`` is False get the unconditional tokens instead."""
+        null = self.config.get("null_unconditional", False)
+        if keep is not None and not null:
+            aus = aus * keep[:, None].to(aus.dtype)  # an older adapter: zero AUs are its unconditional input
         tokens = self.encoder(aus).view(aus.shape[0], self.config.n_tokens, self.config.cross_attention_dim)
-        return self.norm(tokens)
+        tokens = self.norm(tokens)
+        if keep is not None and null:
+            tokens = tokens * keep[:, None, None].to(tokens.dtype)
+        return tokens
+
+    def unconditional(self, batch: int, device=None, dtype=None) -> torch.Tensor:
+        """The unconditional AU tokens for ``batch`` rows (classifier-free guidance's other branch)."""
+        parameter = self.encoder[0].weight
+        aus = torch.zeros(batch, len(self.config.au_names), device=device or parameter.device,
+                          dtype=dtype or parameter.dtype)
+        return self.encode(aus, keep=torch.zeros(batch, dtype=torch.bool, device=aus.device))
 
 
 class DecoupledAUAttnProcessor(nn.Module):

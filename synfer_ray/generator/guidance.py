@@ -1,14 +1,20 @@
-"""Semantic guidance (METHOD.md section 2): steer the text embedding with a FER classifier's gradient.
+"""Semantic guidance (METHOD.md section 2): steer the conditioning with a FER classifier's gradient.
 
-At a late DDIM step the sampler predicts the clean latent x0_hat, decodes it, asks the guiding
-classifier how far the image is from the target expression (cross-entropy), and moves the text
-embedding one normalised step down that loss: ``c <- c - lambda * grad_c L / ||grad_c L||``.
+At a late step the sampler predicts the clean latent x0_hat, decodes it, asks the guiding
+classifier how far the image is from the target expression (cross-entropy), and moves the steered
+conditioning one step down that loss: ``c <- c - (lambda / 100) * ||c|| * grad_c L / ||grad_c L||``.
+
+What is steered (``sg_target``): the text embedding (the paper), the AU tokens, or both, each by its
+own step. The step is ``lambda`` percent of the norm of what it steers, per sample: a 77-token text
+embedding and 4 AU tokens have very different norms, and so do the encoders of different bundles, so
+an absolute length would mean something else on every one (METHOD.md's lambda is absolute; on the
+faces-48 text embedding, norm about 100, the two coincide).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,17 +45,26 @@ def guidance_steps(num_steps: int, window: float) -> set[int]:
     return set(range(num_steps - min(count, num_steps), num_steps))
 
 
-def normalised_descent(embedding: torch.Tensor, gradient: torch.Tensor, step_size: float) -> torch.Tensor:
-    """One step of size ``step_size`` against the gradient, normalised per sample; in fp32, since a
-    half-precision gradient's squared norm under- or overflows."""
-    gradient = gradient.float()
-    norm = gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (gradient.dim() - 1))
-    return (embedding.float() - step_size * gradient / norm).to(embedding.dtype)
+# What semantic guidance may steer: the text embedding, the AU tokens, or both.
+SG_TARGETS = {"text": ("text",), "au": ("au",), "both": ("text", "au")}
+
+
+def _per_sample_norm(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.flatten(1).norm(dim=1).view(-1, *[1] * (tensor.dim() - 1))
+
+
+def relative_descent(embedding: torch.Tensor, gradient: torch.Tensor, step_size: float) -> torch.Tensor:
+    """One step against the gradient of length ``step_size`` percent of the embedding's norm, per
+    sample; in fp32, since a half-precision gradient's squared norm under- or overflows."""
+    embedding, gradient = embedding.float(), gradient.float()
+    length = step_size / 100 * _per_sample_norm(embedding)
+    return embedding - length * gradient / _per_sample_norm(gradient).clamp_min(1e-12)
 
 
 def semantic_guidance_step(
-    text_embedding: torch.Tensor,
-    eps_of: Callable[[torch.Tensor], torch.Tensor],
+    conditions: dict[str, torch.Tensor],
+    steered: Sequence[str],
+    eps_of: Callable[..., torch.Tensor],
     decode: Callable[[torch.Tensor], torch.Tensor],
     classifier: torch.nn.Module,
     latents: torch.Tensor,
@@ -57,18 +72,21 @@ def semantic_guidance_step(
     targets: torch.Tensor,
     step_size: float,
     prediction: str = "epsilon",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (updated text embedding, per-sample loss before the update).
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Return (the conditions with the ``steered`` ones moved, per-sample loss before the update).
 
-    ``eps_of(c)`` is the (guided) model output for text embedding ``c`` at this step, ``latents``
-    the UNet's input x_t, ``prediction`` what the output is (epsilon or v) and ``decode(x0)`` maps
-    latents to RGB images in [0, 1], as the classifier expects.
+    ``conditions`` are the conditional inputs by name (``text``, ``au``), ``eps_of(**conditions)`` the
+    (guided) model output for them at this step, ``latents`` the UNet's input x_t, ``prediction``
+    what the output is (epsilon or v) and ``decode(x0)`` maps latents to RGB images in [0, 1], as
+    the classifier expects. Each steered condition takes its own relative step.
     """
     with torch.enable_grad():
-        embedding = text_embedding.detach().requires_grad_(True)
-        x0 = predicted_x0(latents, eps_of(embedding).float(), alpha_bar, prediction)
-        images = decode(x0)
-        loss = F.cross_entropy(classifier(images).float(), targets, reduction="none")
+        inputs = {name: value.detach().requires_grad_(name in steered) for name, value in conditions.items()}
+        x0 = predicted_x0(latents, eps_of(**inputs).float(), alpha_bar, prediction)
+        loss = F.cross_entropy(classifier(decode(x0)).float(), targets, reduction="none")
         # Summing keeps each sample's gradient its own: rows in a batch never steer each other.
-        (gradient,) = torch.autograd.grad(loss.sum(), embedding)
-    return normalised_descent(text_embedding, gradient, step_size).detach(), loss.detach()
+        gradients = torch.autograd.grad(loss.sum(), [inputs[name] for name in steered])
+    moved = dict(conditions)
+    for name, gradient in zip(steered, gradients):
+        moved[name] = relative_descent(conditions[name], gradient, step_size).detach()
+    return moved, loss.detach()

@@ -6,7 +6,7 @@ does not depend on which rows share its batch beyond float rounding.
 
 Precision: the weights take the bundle's dtype (fp32, bf16 or fp16, cast once at load); the UNet,
 VAE, text encoder and guide compute in it. The latents, the scheduler's arithmetic and the text
-embedding that semantic guidance steers stay fp32: each step's model output is cast up before the
+embedding and AU tokens that semantic guidance steers stay fp32: each step's model output is cast up before the
 scheduler sees it, which keeps multistep solvers and the normalised SG step numerically safe.
 """
 
@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler
 
 from synfer_ray.bundle import Bundle
 from synfer_ray.errors import SynferError
-from synfer_ray.generator.guidance import guidance_steps, predicted_noise, semantic_guidance_step
+from synfer_ray.generator.guidance import SG_TARGETS, guidance_steps, predicted_noise, semantic_guidance_step
 from synfer_ray.generator.inversion import ddim_invert
 from synfer_ray.generator.schedulers import SCHEDULERS, alpha_bar_at, make_scheduler, prediction_type
 
@@ -30,7 +30,8 @@ MAX_STEPS = 1000
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How to sample. ``sg_scale`` 0 turns semantic guidance off; ``cfg_scale`` 1 turns CFG off."""
+    """How to sample. ``cfg_scale`` 1 turns CFG off; ``sg_scale`` 0 turns semantic guidance off, else
+    each guided step moves ``sg_target`` by ``sg_scale`` percent of its norm (see guidance.py)."""
 
     steps: int = 25
     cfg_scale: float = 3.0
@@ -38,12 +39,14 @@ class SamplerSettings:
     sg_scale: float = 0.0
     sg_window: float = 0.4
     scheduler: str = "ddim"
+    sg_target: str = "text"
 
     @classmethod
     def from_config(cls, sampling) -> "SamplerSettings":
         """From a :class:`synfer_ray.config.SamplingConfig` (generate, quality report, study)."""
         return cls(steps=sampling.steps, cfg_scale=sampling.cfg_scale, au_scale=sampling.au_scale,
-                   sg_scale=sampling.sg_scale, sg_window=sampling.sg_window, scheduler=sampling.scheduler)
+                   sg_scale=sampling.sg_scale, sg_window=sampling.sg_window, scheduler=sampling.scheduler,
+                   sg_target=sampling.sg_target)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -54,6 +57,8 @@ class SamplerSettings:
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise SynferError(name, value, "a finite number >= 0")
+        if self.sg_target not in SG_TARGETS:
+            raise SynferError("sg_target", self.sg_target, f"one of {list(SG_TARGETS)}")
         if not 0 <= self.sg_window <= 1:
             raise SynferError("sg_window", self.sg_window, "a fraction of the steps in [0, 1]")
 
@@ -183,8 +188,8 @@ class GuidedSampler:
         aus = np.stack([np.asarray(r.aus, dtype=np.float32) for r in requests])
         text = self.encode_prompts([r.prompt for r in requests])
         with torch.no_grad():
-            au_cond = self._au_tokens(aus)
-            au_uncond = self._au_tokens(np.zeros_like(aus))  # zero AUs = unconditional (METHOD.md)
+            au_cond = self._au_tokens(aus).float()  # fp32 like the text: semantic guidance may steer it
+            au_uncond = self.bundle.au_adapter.unconditional(batch, self.device, self.dtype)
         latents = self.initial_noise([r.seed for r in requests], scheduler) if init_latents is None \
             else init_latents.float() * scheduler.init_noise_sigma
         references = [i for i, r in enumerate(requests) if r.reference is not None]
@@ -216,10 +221,12 @@ class GuidedSampler:
                 return eps_uncond + settings.cfg_scale * (eps_text - eps_uncond)
 
             if i in sg_at:
-                text, _ = semantic_guidance_step(
-                    text, lambda c: guided(self._eps(model_input, t, c, au_cond, settings.au_scale)),
+                moved, _ = semantic_guidance_step(
+                    {"text": text, "au": au_cond}, SG_TARGETS[settings.sg_target],
+                    lambda text, au: guided(self._eps(model_input, t, text, au, settings.au_scale)),
                     self.decode, self.sg_classifier, model_input, alpha_bar_at(scheduler, i, t).to(self.device),
                     targets, settings.sg_scale, self.prediction)
+                text, au_cond = moved["text"], moved["au"]
                 with torch.no_grad():
                     eps_cond = self._eps(model_input, t, text, au_cond, settings.au_scale)
             with torch.no_grad():

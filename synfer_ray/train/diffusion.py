@@ -97,22 +97,24 @@ class Denoiser(nn.Module):
         self.unet, self.text_encoder, self.au_adapter = unet, text_encoder, au_adapter
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor,
-                aus: torch.Tensor, au_scale: float = 1.0) -> torch.Tensor:
+                aus: torch.Tensor, au_scale: float = 1.0, keep: torch.Tensor | None = None) -> torch.Tensor:
         text = self.text_encoder(input_ids)[0]
-        tokens = self.au_adapter.encode(aus)
+        tokens = self.au_adapter.encode(aus, keep)
         context = torch.cat([text, tokens.to(text.dtype)], dim=1)
         return self.unet(noisy, timesteps, encoder_hidden_states=context,
                          cross_attention_kwargs={"au_scale": au_scale}).sample
 
 
-def drop_conditions(input_ids: torch.Tensor, aus: torch.Tensor, empty_ids: torch.Tensor, probability: float,
+def drop_conditions(input_ids: torch.Tensor, empty_ids: torch.Tensor, probability: float,
                     generator: torch.Generator | None = None):
-    """Replace a random ``probability`` share of rows by the unconditional input (empty caption, zero AUs)."""
+    """(input ids, keep): a random ``probability`` share of rows get the empty caption, and ``keep``
+    False, which asks the AU adapter for its unconditional tokens (see au_adapter.py)."""
+    keep = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     if probability <= 0:
-        return input_ids, aus
+        return input_ids, keep
     drop = _draw(torch.rand(input_ids.shape[0], generator=generator), input_ids.device) < probability
     input_ids = torch.where(drop[:, None], empty_ids.to(input_ids.device).expand_as(input_ids), input_ids)
-    return input_ids, aus * (~drop)[:, None].to(aus.dtype)
+    return input_ids, ~drop
 
 
 def warmup_constant(warmup_steps: int):
@@ -410,6 +412,10 @@ def load_denoiser_parts(job: StageJob) -> dict[str, nn.Module]:
                                                            dtype=fp32),
              "au_adapter": AUAdapter.from_pretrained(job.adapter_source or source, subfolder="au_adapter",
                                                      use_safetensors=True, torch_dtype=fp32)}
+    if "au_adapter" in job.trainable:
+        # Condition dropout teaches the null tokens as the unconditional input (au_adapter.py); an
+        # older adapter trained further learns them too, and is saved saying so.
+        parts["au_adapter"].register_to_config(null_unconditional=True)
     for name, module in parts.items():
         module.requires_grad_(name in job.trainable).train(name in job.trainable)
     if job.lora_rank and "unet" in job.trainable:
@@ -517,11 +523,10 @@ def denoiser_loss(model, scheduler, batch: dict[str, torch.Tensor], scaling: flo
     """One training batch's loss: posterior latent sample (maybe mirrored), caption/AU dropout, forward
     diffusion at random timesteps, prediction of the scheduler's target (noise, or velocity for SD 2.x)."""
     latents = pick_latents(batch, scaling, generator)
-    input_ids, aus = drop_conditions(batch["input_ids"].long(), batch["aus"].float(), empty_ids, caption_dropout,
-                                     generator)
+    input_ids, keep = drop_conditions(batch["input_ids"].long(), empty_ids, caption_dropout, generator)
     noisy, noise, timesteps = noisy_latents(scheduler, latents, generator)
     target = diffusion_target(scheduler, latents, noise, timesteps)
-    return epsilon_loss(model(noisy, timesteps, input_ids, aus), target)
+    return epsilon_loss(model(noisy, timesteps, input_ids, batch["aus"].float(), keep=keep), target)
 
 
 def pick_latents(batch: dict[str, torch.Tensor], scaling: float, generator: torch.Generator | None = None):

@@ -80,7 +80,8 @@ def decoded_pixels(dataset, classes: Sequence[str], image_size: int):
 
 
 def encoded_latents(dataset, components: Path, classes: Sequence[str], au_names: Sequence[str],
-                    au_jitter: float, image_size: int, actors: int, directory: Path, use_gpu: bool = False):
+                    au_jitter: float, image_size: int, actors: int, directory: Path, use_gpu: bool = False,
+                    caption_style: str = "expression"):
     """Latents, tokens and AUs for every row, computed once by a pool of VAE actors (on a GPU each
     when the training runs on GPUs: an SD VAE at 512 px is slow on CPUs) and written as Parquet
     under ``directory`` by Ray Data; the training stage streams them back from there. Nothing is
@@ -96,7 +97,7 @@ def encoded_latents(dataset, components: Path, classes: Sequence[str], au_names:
             EncodeForDenoiser, batch_size=128, batch_format="numpy",
             fn_constructor_kwargs={"components": str(components), "classes": tuple(classes),
                                    "au_names": tuple(au_names), "au_jitter": au_jitter, "image_size": image_size,
-                                   "num_gpus": num_gpus},
+                                   "num_gpus": num_gpus, "caption_style": caption_style},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=1,
             num_gpus=num_gpus).write_parquet(str(staged))
         (staged / LATENTS_DONE).write_text("")
@@ -106,6 +107,24 @@ def encoded_latents(dataset, components: Path, classes: Sequence[str], au_names:
 
 
 LATENTS_DONE = "_SUCCESS"  # written last: a latents directory without it is redone
+
+
+def class_repeats(counts: dict[str, int], classes: Sequence[str], balance: float) -> np.ndarray:
+    """How often each class's rows are repeated: about (largest class / class) ** ``balance``."""
+    largest = max(counts.values())
+    return np.array([max(1, round((largest / max(counts.get(name, 0), 1)) ** balance)) for name in classes])
+
+
+def balanced(latents, repeats: np.ndarray):
+    """The latents dataset with each row repeated by its class's factor (the training loop draws
+    fresh noise, timestep, mirror and posterior sample for every copy)."""
+    if np.all(repeats == 1):
+        return latents
+
+    def repeat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        times = repeats[batch["label"].astype(np.int64)]
+        return {name: np.repeat(column, times, axis=0) for name, column in batch.items()}
+    return latents.map_batches(repeat, batch_format="numpy")
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -323,7 +342,9 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
                                                     ("au_adapter", stage.train_adapter)) if on)
             latents = encoded_latents(faces, components, classes, au_names, stage.au_jitter, resolution,
                                       actors=max(1, int(config.ray.num_cpus or 2) // 2),
-                                      directory=output / "latents", use_gpu=config.scaling.use_gpu)
+                                      directory=output / "latents", use_gpu=config.scaling.use_gpu,
+                                      caption_style=stage.captions)
+            latents = balanced(latents, class_repeats(counts, classes, stage.class_balance))
             job = stage_job("denoiser", components, stage, config.seed, config.scaling, run,
                             caption_dropout=stage.caption_dropout, ema_decay=stage.ema_decay, trainable=trainable,
                             **lora_settings(stage))
@@ -333,6 +354,7 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
             replace_components(checkpoint, "ema", job.saved_modules, components)
             ledger.finish("denoiser", {"history": history, "trainable": trainable, "unet_mode": stage.unet_mode})
         training = {"data": {"path": config.data.path, "lineage": source.lineage, "class_counts": counts},
+                    "captions": config.unet.captions,
                     "config": config.model_dump(mode="json"),
                     "au_conditioning": "per-class prototype AUs (label conditioning)"
                     if not au_rows(source) else f"rows' own AU vectors ({au_rows(source)} rows; others prototypes)",
@@ -384,14 +406,16 @@ def write_bundle(components: Path, target: Path, classes: Sequence[str], resolut
     return manifest
 
 
-def sample_grid_requests(classes: Sequence[str], au_names: Sequence[str], per_class: int, seed: int):
+def sample_grid_requests(classes: Sequence[str], au_names: Sequence[str], per_class: int, seed: int,
+                         caption_style: str = "attributes"):
     """``per_class`` requests per class with seeded prompts and prototype AUs (jittered)."""
     from synfer_ray.generator.sampler import SampleRequest
     requests = []
     for index, name in enumerate(classes):
         for k in range(per_class):
             row_seed = seed + index * per_class + k
-            requests.append(SampleRequest(seed=row_seed, prompt=taxonomy.build_prompt(row_seed, name),
+            prompt = taxonomy.build_prompt(row_seed, name, style=caption_style)
+            requests.append(SampleRequest(seed=row_seed, prompt=prompt,
                                           aus=taxonomy.sample_target_aus(row_seed, name, au_names).tolist(),
                                           target=name))
     return requests

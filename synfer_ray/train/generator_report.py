@@ -19,7 +19,7 @@ def sample_per_class(bundle, settings, per_class: int, seed: int, batch_size: in
     """(images uint8 (N, H, W, 3), targets) with ``per_class`` seeded samples of every class."""
     from synfer_ray.generator.sampler import GuidedSampler
     from synfer_ray.train.generator import sample_grid_requests
-    requests = sample_grid_requests(bundle.classes, bundle.au_names, per_class, seed)
+    requests = sample_grid_requests(bundle.classes, bundle.au_names, per_class, seed, bundle.manifest.caption_style)
     sampler = GuidedSampler(bundle)  # on the bundle's device and dtype
     images = [sampler.generate(requests[start:start + batch_size], settings)
               for start in range(0, len(requests), batch_size)]
@@ -84,3 +84,58 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     return {"metrics": metrics, "report": report}
+
+
+def sg_sweep(bundle_path: Path, evaluator_path: str, base: "SamplerSettings", targets: Sequence[str],
+             scales: Sequence[float], per_class: int, seed: int, out: Path, log=print) -> dict[str, Any]:
+    """Evaluator agreement (overall and per class), within-class diversity and a contact sheet for
+    every (SG target, scale), all from the same seeds; scale 0 (no SG) once, shared by every target.
+
+    Writes ``sweep.json``, ``sweep.md`` and ``contact_<target>_<scale>.png`` under ``out``. The
+    evaluator must not be the guide: it judges what the guide steered.
+    """
+    import dataclasses
+    import time
+
+    from synfer_ray.bundle import load_bundle
+    from synfer_ray.classifiers import embed_images, load_classifier, predict_probabilities
+    from synfer_ray.study import within_class_diversity
+    from synfer_ray.train.generator import agreement_by_class
+    bundle = load_bundle(bundle_path)
+    evaluator = load_classifier(evaluator_path, field="evaluator")
+    points = [("none", 0.0)] + [(target, float(scale)) for target in targets for scale in scales if scale > 0]
+    results = []
+    out.mkdir(parents=True, exist_ok=True)
+    for target, scale in points:
+        settings = dataclasses.replace(base, sg_scale=scale, sg_target=target if scale > 0 else base.sg_target)
+        start = time.perf_counter()
+        images, asked = sample_per_class(bundle, settings, per_class, seed)
+        seconds = time.perf_counter() - start
+        shares = agreement_by_class(predict_probabilities(evaluator, images), asked, evaluator.classes)
+        diversity = within_class_diversity(embed_images(evaluator, images), np.asarray(asked))
+        by_class: dict[str, list[bytes]] = {}
+        for image, name in zip(images, asked):
+            by_class.setdefault(name, []).append(png_bytes(image))
+        sheet = out / f"contact_{target}_{scale:g}.png"
+        contact_sheet(by_class, bundle.classes, sheet, per_class=min(8, per_class))
+        results.append({"sg_target": target, "sg_scale": scale, "agreement": shares, "diversity": diversity,
+                        "seconds": seconds, "contact_sheet": sheet.name})
+        log(f"{target:>5} SG {scale:>5g}: agreement {shares['overall']:.1%}, diversity {diversity:.4f}, "
+            f"{seconds:.0f} s")
+    report = {"bundle": str(bundle_path), "bundle_hash": bundle.content_hash, "evaluator": evaluator_path,
+              "per_class": per_class, "seed": seed, "settings": dataclasses.asdict(base), "points": results}
+    (out / "sweep.json").write_text(json.dumps(report, indent=2))
+    (out / "sweep.md").write_text(sweep_table(report, bundle.classes))
+    return report
+
+
+def sweep_table(report: dict[str, Any], classes: Sequence[str]) -> str:
+    """The sweep as a Markdown table: one line per (target, scale), agreement per class in percent."""
+    header = "| SG target | SG scale | agreement | " + " | ".join(classes) + " | diversity | seconds |"
+    lines = [header, "|" + "---|" * (len(classes) + 5)]
+    for point in report["points"]:
+        shares = point["agreement"]
+        lines.append(f"| {point['sg_target']} | {point['sg_scale']:g} | **{shares['overall']:.1%}** | "
+                     + " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
+                     + f" | {point['diversity']:.4f} | {point['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
