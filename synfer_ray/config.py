@@ -266,6 +266,10 @@ class SourceConfig(_Strict):
     # Mixing: rows drawn from this source per row of data.train[0] (after that source's filters
     # and limit), a seeded random subset; e.g. 0.5 = one synthetic row for every two real ones.
     ratio: float | None = Field(None, gt=0)
+    # One side of this source's train/validation split (data.val_fraction, by row id and optim seed):
+    # a validation source of held-out real rows beside training sources that exclude them. Unset,
+    # data.train[0] gives its "train" side when no data.validation is named.
+    split: Literal["train", "validation"] | None = None
 
     @model_validator(mode="after")
     def _ratio_or_limit(self):
@@ -580,6 +584,10 @@ class StudyDownstreamConfig(_Strict):
     synthetic_rows: Literal["accepted", "all"] = "accepted"
     train: StudyStage  # the small classifier's TrainConfig (data and output are set by the study)
     seeds: list[int] = [0]
+    # The paper's headline claim: the same model and schedule on every real training row, and on
+    # those plus this many accepted synthetic rows (accepted-count targets, equal per class); off
+    # when null. Real rows are those of real_train minus the validation split every model shares.
+    headline_synthetic_rows: int | None = Field(None, ge=7)
 
 
 class StudyConfig(_Strict):

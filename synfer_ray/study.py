@@ -101,6 +101,7 @@ def classifier_stage(stage: StudyStage, kind: str, cache: StageCache, tracking: 
         summary = run_train(run_config)
         return {"model": summary["model"], "arch": config.model.arch, "seed": config.optim.seed,
                 "parts": [s.part for s in config.data.train], "test": test_figures(summary["model"]),
+                "train_rows": summary["history"][-1]["train_rows"], "val_rows": summary["history"][-1].get("val_rows"),
                 **_classifier_description(summary["model"])}
     return cache.run(kind, {**_identity(config), "real_test": real_test}, make)
 
@@ -149,25 +150,29 @@ def labeler_stage(study: StudyConfig, bundle: str, cache: StageCache, tracking: 
     def make(directory: Path) -> dict:
         summary = run_train_labeler(config.model_copy(update={"output": str(directory / "run"), "tracking": tracking,
                                                               "register_as": None, "name": "study-labeler"}))
-        return {"bundle": summary["bundle"], "test": summary.get("test")}
+        history = summary.get("history") or [{}]
+        return {"bundle": summary["bundle"], "test": summary.get("test"), "train_rows": history[-1].get("train_rows")}
     return cache.run("labeler", _identity(config), make)
 
 
 # --- generation ------------------------------------------------------------------------------
 
-def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str], guide: str, count: int,
-                     seed: int, output: str, tracking: TrackingConfig) -> GenerateConfig:
-    """The normal generate config of one condition; only sampling and labeling differ between them."""
+def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str], guide: str, count: int | None,
+                     seed: int, output: str, tracking: TrackingConfig,
+                     accepted_per_class: int | None = None) -> GenerateConfig:
+    """The normal generate config of one condition; only sampling and labeling differ between them.
+    ``accepted_per_class`` asks for accepted rows (top-up passes) instead of ``count`` rows."""
     sampling = study.generation.sampling
     labeled = condition.endswith("_labeler")
     raw = {
         "bundle": bundles["labeler" if labeled else "generator"], "output": output, "count": count, "seed": seed,
-        "class_assignment": "cycled", "rows_per_shard": study.generation.rows_per_shard,
+        "class_assignment": "cycled", "accepted_per_class": accepted_per_class,
+        "rows_per_shard": study.generation.rows_per_shard,
         "precision": study.generation.precision,
         "sampling": {"scheduler": sampling.scheduler, "steps": sampling.steps, "cfg_scale": sampling.cfg_scale,
                      "au_scale": 0.0 if condition == "text" else sampling.au_scale,
                      "sg_scale": sampling.sg_scale if "_sg" in condition else 0.0,
-                     "sg_window": sampling.sg_window, "sg_classifier": guide},
+                     "sg_window": sampling.sg_window, "sg_target": sampling.sg_target, "sg_classifier": guide},
         "labeling": ({"voters": [{"path": guide, "name": "guide"}], "bundle_labeler": True,
                       "tau": study.generation.tau} if labeled else {"voters": [], "bundle_labeler": False}),
         "generator": study.generation.generator.model_dump(), "labeler": study.generation.labeler.model_dump(),
@@ -279,19 +284,28 @@ def within_class_diversity(embeddings: np.ndarray, labels: np.ndarray) -> float:
 
 # --- downstream ------------------------------------------------------------------------------
 
-def downstream_configs(study: StudyConfig, synthetic: str, seed: int) -> dict[str, TrainConfig]:
+def downstream_configs(study: StudyConfig, synthetic: str, seed: int,
+                       headline: str | None = None) -> dict[str, TrainConfig]:
     base = _load_stage(TrainConfig, study.downstream.train, "downstream.train")
     n = study.downstream.real_rows
-    real = {"path": study.real_train, "limit": n}
+    # Every model picks its checkpoint on the same held-out real rows (never synthetic ones), and no
+    # model trains on them.
+    real = {"path": study.real_train, "limit": n, "split": "train"}
+    validation = {"path": study.real_train, "split": "validation"}
     sets = {"real only": [real]}
     accepted_only = study.downstream.synthetic_rows == "accepted"
     for multiple in study.downstream.multiples:
         sets[f"synthetic only {multiple}x"] = [{"path": synthetic, "limit": multiple * n, "accepted_only": accepted_only}]
     sets["real + synthetic 1x"] = [real, {"path": synthetic, "limit": n, "accepted_only": accepted_only}]
+    if headline is not None:
+        everything = {"path": study.real_train, "split": "train"}
+        sets["all real"] = [everything]
+        sets["all real + synthetic"] = [everything, {"path": headline, "accepted_only": True}]
     configs = {}
     for name, train in sets.items():
         raw = base.model_dump(mode="json")
         raw["data"]["train"] = train
+        raw["data"]["validation"] = validation
         raw["data"]["test"] = {"path": study.real_test}
         raw["optim"]["seed"] = seed
         configs[name] = build_config(TrainConfig, raw)
@@ -306,8 +320,10 @@ def downstream_stage(name: str, config: TrainConfig, cache: StageCache, tracking
     def make(directory: Path) -> dict:
         summary = run_train(config.model_copy(update={"output": str(directory / "run"), "tracking": tracking,
                                                       "register_as": None, "name": f"study-{name}"}))
-        return {"test": summary["test"], "eval": str(directory / "run" / "eval"), "train_rows": sum(
-            h["train_rows"] for h in summary["history"][-1:])}
+        last = summary["history"][-1]
+        return {"test": summary["test"], "eval": str(directory / "run" / "eval"), "train_rows": last["train_rows"],
+                "val_rows": last.get("val_rows"), "source_rows": summary.get("source_rows"),
+                "best_epoch": summary["best_epoch"]}
     return cache.run("downstream", payload, make)
 
 
@@ -371,9 +387,19 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
         synthetic = generation_stage(f"synthetic-{downstream.condition}", synthetic_config, cache)
         results["synthetic"] = synthetic
         lineage = {synthetic["dataset"]: config_hash(synthetic_config.model_dump(mode="json", exclude={"output"}))}
+        headline = None
+        if downstream.headline_synthetic_rows:
+            headline_config = condition_config(
+                study, downstream.condition, bundles, guide["model"], None, study.generation.seed + 2,
+                str(output / "pending"), tracking, accepted_per_class=-(-downstream.headline_synthetic_rows
+                                                                       // len(classes)))
+            headline = generation_stage(f"headline-{downstream.condition}", headline_config, cache)
+            results["headline_synthetic"] = headline
+            lineage[headline["dataset"]] = config_hash(headline_config.model_dump(mode="json", exclude={"output"}))
         results["downstream"] = {}
         for seed in downstream.seeds:
-            for name, config in downstream_configs(study, synthetic["dataset"], seed).items():
+            for name, config in downstream_configs(study, synthetic["dataset"], seed,
+                                                   headline["dataset"] if headline else None).items():
                 outcome = downstream_stage(name, config, cache, tracking, lineage)
                 results["downstream"].setdefault(name, []).append({"seed": seed, **outcome})
         report = write_report(study, results, classes, output / "report")
@@ -412,6 +438,54 @@ SYNTHETIC_ROWS = {"accepted": "only those the labeler accepted, so fewer than as
                   "all": "every generated row with its rectified label"}
 
 
+def budget_rows(results: dict) -> list[str]:
+    """One table line per model upstream of the downstream ones: the real rows it learnt from."""
+    from synfer_ray.bundle import BundleManifest
+    lines = []
+    for role, info in (("guide", results["classifiers"]["guide"]), ("evaluator", results["classifiers"]["evaluator"])):
+        how = f"data part {info['parts']}" if info.get("parts") else "taken as given (its own training record)"
+        lines.append(f"| {role} | {info.get('train_rows', 'n/a')} | {how} |")
+    training = BundleManifest.read(Path(results["generator"]["bundle"])).training
+    if training is None:
+        lines.append("| generator | 0 | random or imported weights: no training record |")
+    else:
+        data = training.get("data") or {}
+        counts = data.get("class_counts") or {}
+        steps = len(training.get("steps", []))
+        lines.append(f"| generator | {round(sum(counts.values())) if counts else 'not recorded'} | "
+                     f"{data.get('path', 'not recorded')}" + (f", then {steps} further training step(s)"
+                                                                if steps else "") + " |")
+    labeler = results.get("labeler")
+    if labeler:
+        lines.append(f"| labeler (FERAnno) | {labeler.get('train_rows', 'n/a')} | over the generator's frozen UNet |")
+    return lines
+
+
+def _downstream_budget(run: dict, real_train: str) -> tuple[Any, Any]:
+    """(real rows, synthetic rows) a downstream model trained on, from its per-source row counts."""
+    sources = run.get("source_rows")
+    if not sources:
+        return "n/a", "n/a"
+    real = sum(s["rows"] for s in sources if s["path"] == real_train)
+    return real, sum(s["rows"] for s in sources) - real
+
+
+def headline_lines(results: dict) -> list[str]:
+    """The paper's headline claim: every real row vs every real row plus accepted synthetic rows."""
+    runs = results["downstream"]
+    if "all real" not in runs or "all real + synthetic" not in runs:
+        return []
+    real = [r["test"]["accuracy"] for r in runs["all real"]]
+    mixed = [r["test"]["accuracy"] for r in runs["all real + synthetic"]]
+    gap = np.mean(mixed) - np.mean(real)
+    spread = max(np.std(real), np.std(mixed))
+    verdict = ("a gain larger than the seeds' spread" if gap > spread else
+               "no gain beyond the seeds' spread" if gap > -spread else "a loss larger than the seeds' spread")
+    return ["", "## The headline claim: all real rows, with and without synthetic rows", "",
+            f"Test accuracy over {len(real)} seed(s): all real {_cell(real)}, all real + synthetic {_cell(mixed)}; "
+            f"gap {100 * gap:+.1f} points against a spread (std) of {100 * spread:.1f}: {verdict}."]
+
+
 def write_report(study: StudyConfig, results: dict, classes: Sequence[str], directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     guide, evaluator = results["classifiers"]["guide"], results["classifiers"]["evaluator"]
@@ -427,6 +501,10 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
         test = info.get("test") or {}
         lines.append(f"| {role} | `{info['model']}` | {info.get('arch') or info.get('model_type')} | "
                      f"{info.get('seed')} | {info.get('parts')} | {_cell([test.get('accuracy')])} |")
+    lines += ["", "## Real-data budget", "", "Real faces every model learnt from (rows of "
+              f"`{Path(study.real_train).name}`; the downstream models' are in their table below).", "",
+              "| model | real rows it learnt from | how |", "|---|---|---|"]
+    lines += budget_rows(results)
     lines += ["", "## Generation quality (the evaluator's view, %)", "",
               "| condition | FER accuracy | acceptance | final label = target | final label = evaluator | "
               "accepted: label = evaluator | evaluator confidence | diversity |", "|---|---|---|---|---|---|---|---|"]
@@ -449,14 +527,19 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
               f"Real subset N = {study.downstream.real_rows}; synthetic = condition "
               f"{CONDITION_TITLES[study.downstream.condition]} ({study.downstream.synthetic_rows} rows: "
               f"{SYNTHETIC_ROWS[study.downstream.synthetic_rows]}); seeds {study.downstream.seeds}; "
-              f"chance = {100 / len(classes):.1f}. Training rows are after the validation split.", "",
-              "| training data | training rows | accuracy | UAR | macro-F1 |", "|---|---|---|---|---|"]
+              f"chance = {100 / len(classes):.1f}. Every model picks its best epoch on the same held-out real "
+              f"validation rows of real train (never synthetic rows) and trains on none of them.", "",
+              "| training data | real rows | synthetic rows | real validation rows | accuracy | UAR | macro-F1 |",
+              "|---|---|---|---|---|---|---|"]
     for name, runs in results["downstream"].items():
-        lines.append(f"| {name} | {runs[0]['train_rows']} | {_cell([r['test']['accuracy'] for r in runs])} | "
+        real_rows, synthetic_rows = _downstream_budget(runs[0], study.real_train)
+        lines.append(f"| {name} | {real_rows} | {synthetic_rows} | {runs[0].get('val_rows', 'n/a')} | "
+                     f"{_cell([r['test']['accuracy'] for r in runs])} | "
                      f"{_cell([r['test']['uar'] for r in runs])} | {_cell([r['test']['macro_f1'] for r in runs])} |")
         confusion = Path(runs[0]["eval"]) / "confusion_matrix.png"
         if confusion.is_file():
             shutil.copy(confusion, directory / f"confusion_{name.replace(' ', '_').replace('+', 'plus')}.png")
+    lines += headline_lines(results)
     lines += ["", "Contact sheets: " + ", ".join(f"`contact_{c}.png`" for c in results["conditions"]) + "; "
               "confusion matrices: `confusion_*.png`.", ""]
     report = directory / "report.md"

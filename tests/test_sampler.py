@@ -226,3 +226,25 @@ def test_bf16_weights_sample_the_same_faces_as_fp32(tiny_bundle_path, sampler, t
               f"mean {difference.mean():.2f}")
         assert difference.mean() < 3 and difference.max() <= 64
     assert np.array_equal(half.initial_noise([5]).cpu().numpy(), sampler.initial_noise([5]).cpu().numpy())
+
+
+def test_sg_sweep_reports_every_target_and_scale_from_the_same_seeds(tiny_bundle_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from synfer_ray.cli import app
+    args = ["bundle", "sg-sweep", str(tiny_bundle_path), "--evaluator", str(tiny_bundle_path / "sg_classifier"),
+            "--out", str(tmp_path), "--per-class", "2", "--steps", "3", "--scale", "5", "--scale", "50"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    import json
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(p["sg_target"], p["sg_scale"]) for p in report["points"]] == [
+        ("none", 0.0), ("text", 5.0), ("text", 50.0), ("au", 5.0), ("au", 50.0), ("both", 5.0), ("both", 50.0)]
+    for point in report["points"]:
+        assert 0 <= point["agreement"]["overall"] <= 1 and point["diversity"] >= 0
+        assert (tmp_path / point["contact_sheet"]).is_file()
+    best = report["best_within_diversity"]
+    assert best["diversity"] >= best["diversity_floor"]
+    assert "Highest agreement with diversity within 10%" in (tmp_path / "sweep.md").read_text()
+    bad = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "bad"), "--target", "pixels"])
+    assert bad.exit_code != 0 and "sg_target" in bad.output and not (tmp_path / "bad").exists()

@@ -60,8 +60,17 @@ def test_downstream_synthetic_rows_choose_accepted_or_all(tmp_path):
         configs = downstream_configs(build_config(StudyConfig, raw), "synthetic", seed=0)
         assert [s.limit for s in configs["synthetic only 3x"].data.train] == [300]
         mixed = configs["real + synthetic 1x"].data.train
-        assert [(s.path, s.limit, s.accepted_only) for s in mixed] == [("real.parquet", 100, True),
-                                                                     ("synthetic", 100, accepted_only)]
+        assert [(s.path, s.limit, s.accepted_only, s.split) for s in mixed] == [
+            ("real.parquet", 100, True, "train"), ("synthetic", 100, accepted_only, None)]
+    # Every model picks its checkpoint on the same held-out real rows, synthetic-only ones too.
+    configs = downstream_configs(build_config(StudyConfig, raw), "synthetic", seed=0, headline="headline")
+    assert set(configs) == {"real only", "synthetic only 1x", "synthetic only 3x", "real + synthetic 1x", "all real",
+                            "all real + synthetic"}
+    for config in configs.values():
+        assert (config.data.validation.path, config.data.validation.split) == ("real.parquet", "validation")
+        assert all(s.split == "train" for s in config.data.train if s.path == "real.parquet")
+    assert [(s.path, s.limit) for s in configs["all real + synthetic"].data.train] == [("real.parquet", None),
+                                                                                     ("headline", None)]
 
 
 def classifier_yaml(path, faces, arch, seed, part, epochs=1, **model):
@@ -88,15 +97,21 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
                        "tau": 0.0, "generator": {"min_actors": 1, "max_actors": 1, "batch_size": 8}},
         "downstream": {"real_rows": 70, "multiples": [1, 2],
                        "train": {"config": classifier_yaml(tmp_path / "small.yaml", faces, "small_cnn", 0, None)},
-                       "seeds": [0]},
+                       "seeds": [0], "headline_synthetic_rows": 14},
         "tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "study-ci"},
     })
     results = run_study(study)
     report = (tmp_path / "study" / "report" / "report.md").read_text()
     assert "n/a" not in report and "nan" not in report  # every cell has a figure
     for title in ("(a) text only", "(b) text + AU", "(c) text + AU + SG", "(d) text + AU + SG + labeler",
-                  "real only", "synthetic only 1x", "synthetic only 2x", "real + synthetic 1x"):
+                  "real only", "synthetic only 1x", "synthetic only 2x", "real + synthetic 1x", "all real",
+                  "all real + synthetic", "guide", "evaluator", "generator", "labeler (FERAnno)"):
         assert re.search(rf"\| {re.escape(title)} \| \d", report), title
+    assert "## The headline claim" in report and "## Real-data budget" in report
+    # Synthetic-only models choose their checkpoint on real rows: the same count as the real-only model's.
+    downstream = results["downstream"]
+    assert downstream["synthetic only 1x"][0]["val_rows"] == downstream["real only"][0]["val_rows"] > 0
+    assert results["headline_synthetic"]["rows"] >= 14
     guide, evaluator = results["classifiers"]["guide"], results["classifiers"]["evaluator"]
     assert guide["weights_sha256"] != evaluator["weights_sha256"] and guide["arch"] != evaluator["arch"]
     for condition in ("text", "text_au", "text_au_sg"):  # without the labeler the label is the target

@@ -162,7 +162,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         dist.all_reduce(loss_sum)
         validation = metrics_from_confusion(counts.cpu().numpy(), job.classes)
         metrics = {"epoch": epoch, "train_loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
-                   "train_rows": int(loss_sum[1]), "skipped_images": int(loss_sum[2]),
+                   "train_rows": int(loss_sum[1]), "val_rows": int(counts.sum()), "skipped_images": int(loss_sum[2]),
                    "val_accuracy": validation["accuracy"], "val_uar": validation["uar"],
                    "val_macro_f1": validation["macro_f1"], "lr": schedule.get_last_lr()[0],
                    "train_seconds": train_seconds, "data_wait_seconds": data_wait}
@@ -197,6 +197,7 @@ class PreparedData:
     test: tuple[SourceConfig, FaceSource] | None
     train_rows: int  # expected rows per epoch (selections are per-row hashes: within a few sqrt(rows))
     class_counts: dict[str, float]  # expected rows per class in the training mix
+    source_rows: list[int] = dataclasses.field(default_factory=list)  # expected rows of each data.train source
 
 
 def _rows_for_ratio(ratio: float, available: float, base_rows: float, index: int) -> int:
@@ -214,7 +215,7 @@ def prepare_data(config: TrainConfig, classes: tuple[str, ...]) -> PreparedData:
     the rows themselves."""
     data = config.data
     seed = config.optim.seed
-    train_sources, counts, rows, base_rows = [], {c: 0.0 for c in classes}, 0.0, 0.0
+    train_sources, counts, rows, base_rows, source_rows = [], {c: 0.0 for c in classes}, 0.0, 0.0, []
     for index, settings in enumerate(data.train):
         field = f"data.train[{index}].path"
         source = resolve_source(settings.path, field)
@@ -229,10 +230,11 @@ def prepare_data(config: TrainConfig, classes: tuple[str, ...]) -> PreparedData:
         if index == 0:
             base_rows = given
         # The first source gives the validation rows when no validation source is named.
-        split = "train" if data.validation is None and index == 0 else None
+        split = settings.split or ("train" if data.validation is None and index == 0 else None)
         if split:
-            given *= 1 - data.val_fraction
+            given *= 1 - data.val_fraction if split == "train" else data.val_fraction
         rows += given
+        source_rows.append(round(given))
         share = given / max(sum(labels.values()), 1)  # this source's classes, scaled to the rows it gives
         for name, count in labels.items():
             counts[name] += count * share
@@ -249,7 +251,7 @@ def prepare_data(config: TrainConfig, classes: tuple[str, ...]) -> PreparedData:
     if rows < config.scaling.num_workers:
         raise SynferError("data.train", [s.path for s in data.train],
                           f"at least one training row per worker ({config.scaling.num_workers})")
-    return PreparedData(train_sources, extra.get("validation"), extra.get("test"), int(rows), counts)
+    return PreparedData(train_sources, extra.get("validation"), extra.get("test"), int(rows), counts, source_rows)
 
 
 def _read(source: FaceSource, selection: RowSelection, config: TrainConfig, classes: tuple[str, ...]):
@@ -274,7 +276,9 @@ def build_datasets(config: TrainConfig, prepared: PreparedData, classes: tuple[s
     if prepared.validation is not None:
         settings, source = prepared.validation
         validation = _read(source, RowSelection(part=settings.part, accepted_only=source.synthetic
-                                                and settings.accepted_only), config, classes)
+                                                and settings.accepted_only, seed=config.optim.seed,
+                                                split=settings.split, val_fraction=config.data.val_fraction),
+                           config, classes)
     else:
         first = prepared.train_sources[0][2]
         _, source, _ = prepared.train_sources[0]
@@ -392,6 +396,8 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         summary: dict[str, Any] = {"best_epoch": int(best_metrics["epoch"]),
                                    "best_val_accuracy": best_metrics["val_accuracy"], "history": history,
                                    "model": f"{location}/{MODEL_DIR}", "lineage": lineage,
+                                   "source_rows": [{"path": s.path, "rows": rows} for s, rows in
+                                                   zip(config.data.train, prepared.source_rows)],
                                    "mlflow_run_id": run.run_id}
         if prepared.test:
             from synfer_ray.evaluate import write_report

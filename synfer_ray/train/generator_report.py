@@ -123,10 +123,27 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: "SamplerSettings", ta
         log(f"{target:>5} SG {scale:>5g}: agreement {shares['overall']:.1%}, diversity {diversity:.4f}, "
             f"{seconds:.0f} s")
     report = {"bundle": str(bundle_path), "bundle_hash": bundle.content_hash, "evaluator": evaluator_path,
-              "per_class": per_class, "seed": seed, "settings": dataclasses.asdict(base), "points": results}
+              "per_class": per_class, "seed": seed, "settings": dataclasses.asdict(base), "points": results,
+              "best_within_diversity": best_within_diversity(results)}
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
     (out / "sweep.md").write_text(sweep_table(report, bundle.classes))
     return report
+
+
+DIVERSITY_TOLERANCE = 0.10  # how much within-class diversity SG may cost against no SG
+
+
+def best_within_diversity(points: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The point of highest agreement whose diversity is within DIVERSITY_TOLERANCE of no SG's:
+    how the shipped default is chosen."""
+    plain = next((p for p in points if p["sg_scale"] == 0), None)
+    if plain is None:
+        return None
+    floor = (1 - DIVERSITY_TOLERANCE) * plain["diversity"]
+    allowed = [p for p in points if p["diversity"] >= floor]
+    best = max(allowed, key=lambda p: p["agreement"]["overall"])
+    return {"sg_target": best["sg_target"], "sg_scale": best["sg_scale"],
+            "agreement": best["agreement"]["overall"], "diversity": best["diversity"], "diversity_floor": floor}
 
 
 def sweep_table(report: dict[str, Any], classes: Sequence[str]) -> str:
@@ -138,4 +155,9 @@ def sweep_table(report: dict[str, Any], classes: Sequence[str]) -> str:
         lines.append(f"| {point['sg_target']} | {point['sg_scale']:g} | **{shares['overall']:.1%}** | "
                      + " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
                      + f" | {point['diversity']:.4f} | {point['seconds']:.0f} |")
+    best = report.get("best_within_diversity")
+    if best:
+        lines += ["", f"Highest agreement with diversity within {DIVERSITY_TOLERANCE:.0%} of no SG (>= "
+                      f"{best['diversity_floor']:.4f}): {best['sg_target']} SG {best['sg_scale']:g}, "
+                      f"{best['agreement']:.1%}."]
     return "\n".join(lines) + "\n"
