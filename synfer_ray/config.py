@@ -565,7 +565,8 @@ class StudyStage(_Strict):
 class StudyGenerationConfig(_Strict):
     per_class: int = Field(200, ge=1)  # images per class and condition (equal numbers, class_assignment cycled)
     seed: int = Field(1234, ge=0)
-    sampling: SamplingConfig = SamplingConfig(steps=25, cfg_scale=3.0, au_scale=1.0, sg_scale=3.0)
+    # SG 16 on the text: the sg-sweep's pick on faces-48 (docs/sg_sweep/faces48_v1.md).
+    sampling: SamplingConfig = SamplingConfig(steps=25, cfg_scale=3.0, au_scale=1.0, sg_scale=16.0)
     tau: float = Field(0.5, ge=0, le=1)
     conditions: list[Literal["text", "text_au", "text_au_sg", "text_au_sg_labeler"]] = [
         "text", "text_au", "text_au_sg", "text_au_sg_labeler"]
