@@ -99,9 +99,10 @@ def classifier_stage(stage: StudyStage, kind: str, cache: StageCache, tracking: 
         run_config = config.model_copy(update={"output": str(directory / "run"), "tracking": tracking,
                                                "register_as": None, "name": f"study-{kind}"})
         summary = run_train(run_config)
+        last = summary["history"][-1]
         return {"model": summary["model"], "arch": config.model.arch, "seed": config.optim.seed,
                 "parts": [s.part for s in config.data.train], "test": test_figures(summary["model"]),
-                "train_rows": summary["history"][-1]["train_rows"], "val_rows": summary["history"][-1].get("val_rows"),
+                "train_rows": last["train_rows"], "val_rows": last.get("val_rows"),
                 **_classifier_description(summary["model"])}
     return cache.run(kind, {**_identity(config), "real_test": real_test}, make)
 
@@ -298,7 +299,7 @@ def downstream_configs(study: StudyConfig, synthetic: str, seed: int,
         sets[f"synthetic only {multiple}x"] = [{"path": synthetic, "limit": multiple * n, "accepted_only": accepted_only}]
     sets["real + synthetic 1x"] = [real, {"path": synthetic, "limit": n, "accepted_only": accepted_only}]
     if headline is not None:
-        everything = {"path": study.real_train, "split": "train"}
+        everything = {**real, "limit": None}
         sets["all real"] = [everything]
         sets["all real + synthetic"] = [everything, {"path": headline, "accepted_only": True}]
     configs = {}

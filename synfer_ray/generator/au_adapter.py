@@ -70,7 +70,7 @@ class AUAdapter(ModelMixin, ConfigMixin):
     def encode(self, aus: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, n_aus) intensities in [0, 1] -> (batch, n_tokens, cross_attention_dim) tokens; rows
         whose ``keep`` is False get the unconditional tokens instead."""
-        null = self.config.get("null_unconditional", False)
+        null = self.config.null_unconditional  # False in the config of an adapter saved before it existed
         if keep is not None and not null:
             aus = aus * keep[:, None].to(aus.dtype)  # an older adapter: zero AUs are its unconditional input
         tokens = self.encoder(aus).view(aus.shape[0], self.config.n_tokens, self.config.cross_attention_dim)

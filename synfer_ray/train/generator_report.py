@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -13,6 +13,9 @@ from PIL import Image
 from synfer_ray.config import QualityConfig
 from synfer_ray.images import png_bytes
 from synfer_ray.reports import contact_sheet
+
+if TYPE_CHECKING:
+    from synfer_ray.generator.sampler import SamplerSettings
 
 
 def sample_per_class(bundle, settings, per_class: int, seed: int, batch_size: int = 32):
@@ -24,6 +27,21 @@ def sample_per_class(bundle, settings, per_class: int, seed: int, batch_size: in
     images = [sampler.generate(requests[start:start + batch_size], settings)
               for start in range(0, len(requests), batch_size)]
     return np.concatenate(images), [r.target for r in requests]
+
+
+def class_contact_sheet(images: np.ndarray, targets: Sequence[str], classes: Sequence[str], path: Path,
+                        per_class: int) -> Path:
+    """:func:`contact_sheet` of uint8 images grouped by their asked class."""
+    by_class: dict[str, list[bytes]] = {}
+    for image, target in zip(images, targets):
+        by_class.setdefault(target, []).append(png_bytes(image))
+    return contact_sheet(by_class, classes, path, per_class=min(8, per_class))
+
+
+def report_device():
+    """Where a report samples and scores: the driver's GPU when it has one."""
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def reconstructions(bundle, originals: np.ndarray, path: Path, cell: int = 64) -> float:
@@ -53,23 +71,17 @@ def originals_from(faces: dict[str, Sequence], classes: Sequence[str], size: int
 
 def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, originals: np.ndarray) -> dict[str, Any]:
     """Write ``contact_sheet.png``, ``reconstructions.png`` and ``quality.json`` under ``out``."""
-    import torch
-
     from synfer_ray.bundle import load_bundle
     from synfer_ray.classifiers import load_classifier, predict_probabilities
     from synfer_ray.generator.sampler import SamplerSettings
     from synfer_ray.precision import resolve
     from synfer_ray.train.generator import agreement_by_class
-    # The report runs where the job's driver runs: on its GPU when it has one.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = report_device()
     dtype = resolve(quality.precision, device, field="quality.precision")
     bundle = load_bundle(bundle_path, sg_classifier=quality.sampling.sg_classifier, dtype=dtype).to(device)
     settings = SamplerSettings.from_config(quality.sampling)
     images, targets = sample_per_class(bundle, settings, quality.samples_per_class, quality.seed)
-    by_class: dict[str, list[bytes]] = {}
-    for image, target in zip(images, targets):
-        by_class.setdefault(target, []).append(png_bytes(image))
-    contact_sheet(by_class, bundle.classes, out / "contact_sheet.png", per_class=min(8, quality.samples_per_class))
+    class_contact_sheet(images, targets, bundle.classes, out / "contact_sheet.png", quality.samples_per_class)
     error = reconstructions(bundle, originals, out / "reconstructions.png")
     metrics: dict[str, float] = {"quality_reconstruction_mae": error}
     report: dict[str, Any] = {"settings": settings.__dict__, "samples_per_class": quality.samples_per_class,
@@ -86,7 +98,7 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
     return {"metrics": metrics, "report": report}
 
 
-def sg_sweep(bundle_path: Path, evaluator_path: str, base: "SamplerSettings", targets: Sequence[str],
+def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targets: Sequence[str],
              scales: Sequence[float], per_class: int, seed: int, out: Path, log=print) -> dict[str, Any]:
     """Evaluator agreement (overall and per class), within-class diversity and a contact sheet for
     every (SG target, scale), all from the same seeds; scale 0 (no SG) once, shared by every target.
@@ -101,8 +113,9 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: "SamplerSettings", ta
     from synfer_ray.classifiers import embed_images, load_classifier, predict_probabilities
     from synfer_ray.study import within_class_diversity
     from synfer_ray.train.generator import agreement_by_class
-    bundle = load_bundle(bundle_path)
-    evaluator = load_classifier(evaluator_path, field="evaluator")
+    device = report_device()  # fp32 throughout: the sweep's figures compare across machines
+    bundle = load_bundle(bundle_path).to(device)
+    evaluator = load_classifier(evaluator_path, field="evaluator").to(device)
     points = [("none", 0.0)] + [(target, float(scale)) for target in targets for scale in scales if scale > 0]
     results = []
     out.mkdir(parents=True, exist_ok=True)
@@ -113,11 +126,7 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: "SamplerSettings", ta
         seconds = time.perf_counter() - start
         shares = agreement_by_class(predict_probabilities(evaluator, images), asked, evaluator.classes)
         diversity = within_class_diversity(embed_images(evaluator, images), np.asarray(asked))
-        by_class: dict[str, list[bytes]] = {}
-        for image, name in zip(images, asked):
-            by_class.setdefault(name, []).append(png_bytes(image))
-        sheet = out / f"contact_{target}_{scale:g}.png"
-        contact_sheet(by_class, bundle.classes, sheet, per_class=min(8, per_class))
+        sheet = class_contact_sheet(images, asked, bundle.classes, out / f"contact_{target}_{scale:g}.png", per_class)
         results.append({"sg_target": target, "sg_scale": scale, "agreement": shares, "diversity": diversity,
                         "seconds": seconds, "contact_sheet": sheet.name})
         log(f"{target:>5} SG {scale:>5g}: agreement {shares['overall']:.1%}, diversity {diversity:.4f}, "
