@@ -88,7 +88,10 @@ def classifier_stage(stage: StudyStage, kind: str, cache: StageCache, tracking: 
 
     def test_figures(model: str) -> dict:
         report = evaluate_model(model, real_test)
-        return {k: report[k] for k in ("accuracy", "uar", "macro_f1")}
+        # Per-class recall on real faces: a class the classifier cannot see on real faces cannot be
+        # scored (evaluator) or voted for (guide) on generated ones either.
+        return {**{k: report[k] for k in ("accuracy", "uar", "macro_f1")},
+                "recall": {name: row["recall"] for name, row in report["per_class"].items()}}
 
     if stage.model:
         return {"model": stage.model, "arch": None, "seed": None, "parts": None, "test": test_figures(stage.model),
