@@ -589,6 +589,17 @@ class StudyDownstreamConfig(_Strict):
     # those plus this many accepted synthetic rows (accepted-count targets, equal per class); off
     # when null. Real rows are those of real_train minus the validation split every model shares.
     headline_synthetic_rows: int | None = Field(None, ge=7)
+    # The headline set's budget: rows made in all, accepted or not, before it stops short of a
+    # class's target (a class the labelers never accept would otherwise use the whole default of
+    # 20x the target). The report states what each class reached.
+    headline_max_rows: int | None = Field(None, ge=7)
+
+    @model_validator(mode="after")
+    def _budget_needs_target(self) -> "StudyDownstreamConfig":
+        if self.headline_max_rows is not None and self.headline_synthetic_rows is None:
+            raise ValueError("headline_max_rows is the budget of headline_synthetic_rows; set that too, "
+                             "or drop headline_max_rows")
+        return self
 
 
 class StudyConfig(_Strict):

@@ -163,14 +163,16 @@ def labeler_stage(study: StudyConfig, bundle: str, cache: StageCache, tracking: 
 
 def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str], guide: str, count: int | None,
                      seed: int, output: str, tracking: TrackingConfig,
-                     accepted_per_class: int | None = None) -> GenerateConfig:
+                     accepted_per_class: int | None = None, max_rows: int | None = None) -> GenerateConfig:
     """The normal generate config of one condition; only sampling and labeling differ between them.
-    ``accepted_per_class`` asks for accepted rows (top-up passes) instead of ``count`` rows."""
+    ``accepted_per_class`` asks for accepted rows (top-up passes) instead of ``count`` rows, within
+    ``max_rows`` rows made."""
     sampling = study.generation.sampling
     labeled = condition.endswith("_labeler")
     raw = {
         "bundle": bundles["labeler" if labeled else "generator"], "output": output, "count": count, "seed": seed,
         "class_assignment": "cycled", "accepted_per_class": accepted_per_class,
+        "max_rows": max_rows,
         "rows_per_shard": study.generation.rows_per_shard,
         "precision": study.generation.precision,
         "sampling": {"scheduler": sampling.scheduler, "steps": sampling.steps, "cfg_scale": sampling.cfg_scale,
@@ -194,7 +196,8 @@ def generation_stage(kind: str, config: GenerateConfig, cache: StageCache) -> di
 
     def make(directory: Path) -> dict:
         card = run_generate(config.model_copy(update={"output": str(directory / "dataset")}), progress=False)
-        return {"dataset": str(directory / "dataset"), "rows": card["rows"]}
+        return {"dataset": str(directory / "dataset"), "rows": card["rows"],
+                "accepted_targets": card.get("accepted_targets")}
     return cache.run(kind, payload, make)
 
 
@@ -396,7 +399,8 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
             headline_config = condition_config(
                 study, downstream.condition, bundles, guide["model"], None, study.generation.seed + 2,
                 str(output / "pending"), tracking, accepted_per_class=-(-downstream.headline_synthetic_rows
-                                                                       // len(classes)))
+                                                                       // len(classes)),
+                max_rows=downstream.headline_max_rows)
             headline = generation_stage(f"headline-{downstream.condition}", headline_config, cache)
             results["headline_synthetic"] = headline
             lineage[headline["dataset"]] = config_hash(headline_config.model_dump(mode="json", exclude={"output"}))
@@ -442,6 +446,20 @@ SYNTHETIC_ROWS = {"accepted": "only those the labeler accepted, so fewer than as
                   "all": "every generated row with its rectified label"}
 
 
+def recall_lines(results: dict, classes: Sequence[str]) -> list[str]:
+    """Per-class recall on the real test faces: a class a model misses on real faces it cannot
+    score (evaluator) or vote for (guide, labeler) on generated ones."""
+    models = [(role, (info or {}).get("test") or {}) for role, info in (
+        ("guide", results["classifiers"]["guide"]), ("evaluator", results["classifiers"]["evaluator"]),
+        ("labeler", results.get("labeler")))]
+    models = [(role, test["recall"]) for role, test in models if test.get("recall")]
+    if not models:
+        return []
+    return ["", "Recall per class on the real test faces (%):", "", "| model | " + " | ".join(classes) + " |",
+            "|---|" + "---|" * len(classes)] + [
+        f"| {role} | " + " | ".join(_cell([recall.get(c)]) for c in classes) + " |" for role, recall in models]
+
+
 def budget_rows(results: dict) -> list[str]:
     """One table line per model upstream of the downstream ones: the real rows it learnt from."""
     from synfer_ray.bundle import BundleManifest
@@ -485,9 +503,17 @@ def headline_lines(results: dict) -> list[str]:
     spread = max(np.std(real), np.std(mixed))
     verdict = ("a gain larger than the seeds' spread" if gap > spread else
                "no gain beyond the seeds' spread" if gap > -spread else "a loss larger than the seeds' spread")
-    return ["", "## The headline claim: all real rows, with and without synthetic rows", "",
-            f"Test accuracy over {len(real)} seed(s): all real {_cell(real)}, all real + synthetic {_cell(mixed)}; "
-            f"gap {100 * gap:+.1f} points against a spread (std) of {100 * spread:.1f}: {verdict}."]
+    lines = ["", "## The headline claim: all real rows, with and without synthetic rows", "",
+             f"Test accuracy over {len(real)} seed(s): all real {_cell(real)}, all real + synthetic {_cell(mixed)}; "
+             f"gap {100 * gap:+.1f} points against a spread (std) of {100 * spread:.1f}: {verdict}."]
+    targets = (results.get("headline_synthetic") or {}).get("accepted_targets")
+    if targets:
+        lines += ["", f"The synthetic set: {results['headline_synthetic']['rows']} rows made for "
+                      f"{sum(targets['wanted'].values())} accepted ({targets['stopped']}; budget {targets['budget']} "
+                      "rows). Accepted rows per class, by final label:", "",
+                  "| " + " | ".join(targets["wanted"]) + " |", "|" + "---|" * len(targets["wanted"]),
+                  "| " + " | ".join(f"{targets['accepted'][c]} of {n}" for c, n in targets["wanted"].items()) + " |"]
+    return lines
 
 
 def write_report(study: StudyConfig, results: dict, classes: Sequence[str], directory: Path) -> Path:
@@ -500,11 +526,17 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
              f"{study.generation.sampling.cfg_scale}, SG scale {study.generation.sampling.sg_scale}, window "
              f"{study.generation.sampling.sg_window}; labeler tau {study.generation.tau}.", "",
              "## The two classifiers", "",
-             "| role | model | architecture | seed | data part | test accuracy |", "|---|---|---|---|---|---|"]
+             "| role | model | architecture | seed | data part | test accuracy | UAR |", "|---|---|---|---|---|---|---|"]
     for role, info in (("guide (SG, votes)", guide), ("evaluator (scores only)", evaluator)):
         test = info.get("test") or {}
         lines.append(f"| {role} | `{info['model']}` | {info.get('arch') or info.get('model_type')} | "
-                     f"{info.get('seed')} | {info.get('parts')} | {_cell([test.get('accuracy')])} |")
+                     f"{info.get('seed')} | {info.get('parts')} | {_cell([test.get('accuracy')])} | "
+                     f"{_cell([test.get('uar')])} |")
+    labeler_test = (results.get("labeler") or {}).get("test")
+    if labeler_test:
+        lines.append(f"| labeler (votes with the guide) | `{results['labeler']['bundle']}` | feranno | | all | "
+                     f"{_cell([labeler_test.get('accuracy')])} | {_cell([labeler_test.get('uar')])} |")
+    lines += recall_lines(results, classes)
     lines += ["", "## Real-data budget", "", "Real faces every model learnt from (rows of "
               f"`{Path(study.real_train).name}`; the downstream models' are in their table below).", "",
               "| model | real rows it learnt from | how |", "|---|---|---|"]

@@ -48,6 +48,16 @@ def test_stage_cache_reuses_an_identical_stage_only(tmp_path):
     assert cache.run("k", {"a": 2}, make)["value"] == 2 and len(calls) == 2
 
 
+def test_a_headline_budget_needs_a_headline_target(tmp_path):
+    raw = {"output": str(tmp_path), "real_train": "real.parquet", "real_test": "test.parquet",
+           "guide": {"model": "g"}, "evaluator": {"model": "e"}, "generator": {"model": "b"},
+           "downstream": {"train": {"config": "x.yaml"}, "headline_max_rows": 1000}}
+    with pytest.raises(SynferError, match="headline_max_rows is the budget of headline_synthetic_rows"):
+        build_config(StudyConfig, raw)
+    raw["downstream"]["headline_synthetic_rows"] = 70
+    assert build_config(StudyConfig, raw).downstream.headline_max_rows == 1000
+
+
 def test_downstream_synthetic_rows_choose_accepted_or_all(tmp_path):
     from synfer_ray.study import downstream_configs
     train = tmp_path / "train.yaml"
@@ -97,7 +107,7 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
                        "tau": 0.0, "generator": {"min_actors": 1, "max_actors": 1, "batch_size": 8}},
         "downstream": {"real_rows": 70, "multiples": [1, 2],
                        "train": {"config": classifier_yaml(tmp_path / "small.yaml", faces, "small_cnn", 0, None)},
-                       "seeds": [0], "headline_synthetic_rows": 14},
+                       "seeds": [0], "headline_synthetic_rows": 14, "headline_max_rows": 70},
         "tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "study-ci"},
     })
     results = run_study(study)
@@ -108,6 +118,10 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
                   "all real + synthetic", "guide", "evaluator", "generator", "labeler (FERAnno)"):
         assert re.search(rf"\| {re.escape(title)} \| \d", report), title
     assert "## The headline claim" in report and "## Real-data budget" in report
+    assert "Recall per class on the real test faces" in report and "Accepted rows per class" in report
+    assert results["headline_synthetic"]["accepted_targets"]["budget"] == 70
+    for role in ("guide", "evaluator", "labeler"):
+        assert re.search(rf"\| {role} \| \d", report.split("Recall per class")[1]), role
     # Synthetic-only models choose their checkpoint on real rows: the same count as the real-only model's.
     downstream = results["downstream"]
     assert downstream["synthetic only 1x"][0]["val_rows"] == downstream["real only"][0]["val_rows"] > 0

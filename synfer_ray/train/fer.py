@@ -405,7 +405,8 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
             for path in write_report(report, output / "eval"):
                 run.log_artifact(path, "eval")
             run.log_metrics({f"test_{k}": report[k] for k in ("accuracy", "uar", "macro_f1")})
-            summary["test"] = {k: report[k] for k in ("accuracy", "uar", "macro_f1", "rows", "skipped")}
+            summary["test"] = {**{k: report[k] for k in ("accuracy", "uar", "macro_f1", "rows", "skipped")},
+                               "recall": {name: row["recall"] for name, row in report["per_class"].items()}}
         (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         run.log_artifact(output / "train_config.json")
         run.log_artifact(output / "summary.json")
