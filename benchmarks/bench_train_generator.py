@@ -84,7 +84,7 @@ def ray_loop(components: Path, latents: dict, steps: int, batch: int, workers: i
     scaling = ScalingConfig(num_workers=workers, torch_threads=threads, cpus_per_worker=1)
     job = stage_job("denoiser", components, settings, 0, scaling, Run(), caption_dropout=0.1, ema_decay=0.999,
                     trainable=("unet", "text_encoder", "au_adapter"))
-    _, history, _ = fit_stage(denoiser_loop, job, dataset, scaling, "bench", Path(tempfile.mkdtemp()))
+    _, history, _ = fit_stage(denoiser_loop, job, dataset, scaling, "bench", Path(tempfile.mkdtemp()), "global")
     return float(np.mean([h["images_per_s"] for h in history[1:]]))
 
 

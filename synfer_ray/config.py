@@ -301,6 +301,9 @@ class TrainDataConfig(_Strict):
     labels: Literal["hard", "soft"] = "hard"
     class_balanced_loss: bool = False  # weight the loss by inverse class frequency
     class_balanced_sampling: bool = False  # resample rows so every class is seen equally often
+    # global: an all-to-all shuffle (sources sorted by class train correctly); blocks: block order
+    # only, for sources already in random order (cheaper at millions of rows).
+    shuffle: Literal["global", "blocks"] = "global"
     image_size: int = Field(48, ge=8)
     augment: AugmentConfig = AugmentConfig()
 
@@ -428,6 +431,7 @@ class LabelledFacesConfig(_Strict):
     path: str
     limit: int | None = Field(None, ge=1)  # a seeded random subset of this many rows
     part: str | None = Field(None, pattern=r"^[1-9][0-9]*/[1-9][0-9]*$")
+    shuffle: Literal["global", "blocks"] = "global"  # as TrainDataConfig.shuffle
 
 
 class GeneratorArchitecture(_Strict):

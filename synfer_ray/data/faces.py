@@ -194,6 +194,17 @@ def decode_faces(batch: dict[str, np.ndarray], classes: Sequence[str], image_siz
     return {"pixels": pixels, "target": target, "valid": valid}
 
 
+def shuffled(dataset, shuffle: str, seed: int):
+    """Training rows in a seeded random order (the same every epoch; the workers' local buffers
+    reshuffle per epoch). "global" is Ray Data's all-to-all shuffle: sources written class by
+    class (FER-2013's train.parquet, any folder import) must not reach a model in class runs, which
+    a block order and a buffer of a few batches cannot undo. "blocks" only reorders blocks: cheaper,
+    for sources whose rows are already in random order."""
+    if shuffle == "global":
+        return dataset.random_shuffle(seed=seed)
+    return dataset.randomize_block_order(seed=seed)
+
+
 def balance_classes(batch: dict[str, np.ndarray], repeats: Sequence[float],
                     seed: int | None = None) -> dict[str, np.ndarray]:
     """Class-balanced resampling: a row of class c appears floor(r_c) or ceil(r_c) times (r_c on

@@ -80,7 +80,8 @@ def run_train_adapter(config: AdapterTrainConfig, overwrite: bool = False) -> di
         job = stage_job("adapter", Path(components), config.stage, config.seed, config.scaling, run,
                         caption_dropout=config.stage.caption_dropout, ema_decay=config.stage.ema_decay,
                         trainable=("au_adapter",), adapter_source=str(bundle))
-        checkpoint, history, _ = fit_stage(denoiser_loop, job, latents, config.scaling, config.name, output / "ray")
+        checkpoint, history, _ = fit_stage(denoiser_loop, job, latents, config.scaling, config.name, output / "ray",
+                                           config.data.shuffle)
         staged = output / "au_adapter"
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(checkpoint / "ema" / "au_adapter", staged)

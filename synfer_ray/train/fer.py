@@ -268,9 +268,9 @@ def _read(source: FaceSource, selection: RowSelection, config: TrainConfig, clas
 
 
 def build_datasets(config: TrainConfig, prepared: PreparedData, classes: tuple[str, ...]):
-    """Train and validation datasets. No global shuffle: rows are chosen by their ids, blocks come in
-    a seeded random order each epoch and the workers shuffle locally (a buffer of a few batches)."""
-    from synfer_ray.data.faces import augment
+    """Train and validation datasets: rows chosen by their ids, in a seeded random order
+    (``data.shuffle``), shuffled again locally by the workers each epoch."""
+    from synfer_ray.data.faces import augment, shuffled
     parts = [_read(source, selection, config, classes) for _, source, selection in prepared.train_sources]
     train = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if prepared.validation is not None:
@@ -283,12 +283,12 @@ def build_datasets(config: TrainConfig, prepared: PreparedData, classes: tuple[s
         first = prepared.train_sources[0][2]
         _, source, _ = prepared.train_sources[0]
         validation = _read(source, dataclasses.replace(first, split="validation", keep=1.0), config, classes)
-    train = train.randomize_block_order(seed=config.optim.seed)
     if config.data.class_balanced_sampling:
         from synfer_ray.data.faces import balance_classes
         counts = np.array([max(prepared.class_counts.get(c, 0), 1) for c in classes], np.float64)
         repeats = counts.sum() / (len(classes) * counts)
         train = train.map_batches(balance_classes, batch_format="numpy", fn_kwargs={"repeats": repeats.tolist()})
+    train = shuffled(train, config.data.shuffle, config.optim.seed)  # after the repeats: copies spread out
     aug = config.data.augment
     # The split above leaves a few large blocks, and each epoch's first batch waits for a whole
     # block to be augmented (2 s of every 18 s epoch on FER-2013); small blocks stream.

@@ -23,7 +23,7 @@ import numpy as np
 from synfer_ray import taxonomy
 from synfer_ray.config import (DenoiserStageConfig, GeneratorTrainConfig, LabelledFacesConfig, ScalingConfig,
                                StageConfig)
-from synfer_ray.data.faces import FaceSource, check_labels, resolve_source
+from synfer_ray.data.faces import FaceSource, check_labels, resolve_source, shuffled
 from synfer_ray.errors import SynferError
 from synfer_ray.train.diffusion import (LORA_DIR, StageJob, check_precision, denoiser_loop, parts_scaling_factor,
                                        vae_loop)
@@ -143,8 +143,9 @@ class StageLedger:
         temporary.replace(self.path)
 
 
-def fit_stage(loop, job: StageJob, dataset, scaling: ScalingConfig, name: str, storage: Path):
-    """One Ray Train run of ``loop``; a rerun with the same name and storage resumes it."""
+def fit_stage(loop, job: StageJob, dataset, scaling: ScalingConfig, name: str, storage: Path, shuffle: str):
+    """One Ray Train run of ``loop`` over ``dataset`` in a seeded random order (``shuffle``, see
+    :func:`synfer_ray.data.faces.shuffled`); a rerun with the same name and storage resumes it."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     trainer = TorchTrainer(
@@ -152,7 +153,7 @@ def fit_stage(loop, job: StageJob, dataset, scaling: ScalingConfig, name: str, s
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=scaling.worker_resources()),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        datasets={"train": dataset},
+        datasets={"train": shuffled(dataset, shuffle, job.seed)},
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
@@ -330,11 +331,12 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
                 job = stage_job("vae", components, config.vae, config.seed, config.scaling, run,
                                 kl_weight=config.vae.kl_weight)
                 checkpoint, history, _ = fit_stage(vae_loop, job, pixels, config.scaling, f"{config.name}-vae",
-                                                   output / "ray")
+                                                   output / "ray", config.data.shuffle)
                 replace_components(checkpoint, "weights", ["vae"], components)
             else:
                 history = []
-            scale = set_latent_scale(components, pixels)
+            # Measured on a random sample: the first rows of a source written class by class are one class.
+            scale = set_latent_scale(components, shuffled(pixels, "global", config.seed))
             ledger.finish("vae", {"history": history, "scaling_factor": scale})
         if "denoiser" not in ledger.done:
             stage = config.unet
@@ -349,7 +351,7 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
                             caption_dropout=stage.caption_dropout, ema_decay=stage.ema_decay, trainable=trainable,
                             **lora_settings(stage))
             checkpoint, history, _ = fit_stage(denoiser_loop, job, latents, config.scaling,
-                                               f"{config.name}-denoiser", output / "ray")
+                                               f"{config.name}-denoiser", output / "ray", config.data.shuffle)
             # A LoRA lands beside the untouched UNet (components/unet_lora); write_bundle merges it.
             replace_components(checkpoint, "ema", job.saved_modules, components)
             ledger.finish("denoiser", {"history": history, "trainable": trainable, "unet_mode": stage.unet_mode})
