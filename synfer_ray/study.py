@@ -522,10 +522,10 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
     lines = [f"# {study.name}: SynFER's claims on real faces", "",
              f"Real train `{study.real_train}`, real test `{study.real_test}`. "
              f"{study.generation.per_class} images per class and condition, the same seeds, prompts and AUs in "
-             f"every condition; sampling {study.generation.sampling.steps} DDIM steps, CFG "
+             f"every condition; sampling {study.generation.sampling.steps} {study.generation.sampling.scheduler} steps, CFG "
              f"{study.generation.sampling.cfg_scale}, SG scale {study.generation.sampling.sg_scale}, window "
              f"{study.generation.sampling.sg_window}; labeler tau {study.generation.tau}.", "",
-             "## The two classifiers", "",
+             "## The classifiers", "",
              "| role | model | architecture | seed | data part | test accuracy | UAR |", "|---|---|---|---|---|---|---|"]
     for role, info in (("guide (SG, votes)", guide), ("evaluator (scores only)", evaluator)):
         test = info.get("test") or {}
