@@ -59,7 +59,9 @@ class SamplingConfig(_Strict):
     au_scale: float = Field(1.0, ge=0)
     sg_scale: float = Field(0.0, ge=0)  # percent of the steered conditioning's norm per guided step
     sg_window: float = Field(0.4, ge=0, le=1)
-    sg_target: Literal["text", "au", "both"] = "text"
+    # The AU tokens: on faces-48 the sweep's best agreement within 10% of no SG's diversity
+    # (docs/sg_sweep/faces48_v2.md).
+    sg_target: Literal["text", "au", "both"] = "au"
     sg_classifier: str | None = None
 
 
@@ -410,7 +412,7 @@ class ServeConfig(_Strict):
     torch_threads: int = Field(2, ge=1)
     precision: Precision = "auto"  # the replica's weights and activations, as in generate
     scheduler: Scheduler = "ddim"  # a request's default sampler
-    sg_target: Literal["text", "au", "both"] = "text"  # a request's default semantic-guidance target
+    sg_target: Literal["text", "au", "both"] = "au"  # a request's default semantic-guidance target
     max_ongoing_requests: int = Field(32, ge=1)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()
@@ -569,8 +571,8 @@ class StudyStage(_Strict):
 class StudyGenerationConfig(_Strict):
     per_class: int = Field(200, ge=1)  # images per class and condition (equal numbers, class_assignment cycled)
     seed: int = Field(1234, ge=0)
-    # SG 16 on the text: the sg-sweep's pick on faces-48 (docs/sg_sweep/faces48_v1.md).
-    sampling: SamplingConfig = SamplingConfig(steps=25, cfg_scale=3.0, au_scale=1.0, sg_scale=16.0)
+    # SG 8 on the AU tokens: the sg-sweep's pick on faces-48 (docs/sg_sweep/faces48_v2.md).
+    sampling: SamplingConfig = SamplingConfig(steps=25, cfg_scale=3.0, au_scale=1.0, sg_scale=8.0)
     tau: float = Field(0.5, ge=0, le=1)
     conditions: list[Literal["text", "text_au", "text_au_sg", "text_au_sg_labeler"]] = [
         "text", "text_au", "text_au_sg", "text_au_sg_labeler"]

@@ -35,7 +35,7 @@ def expression_requests(bundle: Bundle, expression: str, aus: Mapping[str, float
 def generate_pngs(bundle_path: Path, expression: str, out: Path, *, aus: Mapping[str, float] | None = None,
                   prompt: str | None = None, seed: int = 0, n: int = 4, steps: int = 25,
                   cfg_scale: float = 3.0, au_scale: float = 1.0, sg_scale: float = 0.0,
-                  sg_window: float = 0.4, sg_target: str = "text", sg_classifier: Path | None = None,
+                  sg_window: float = 0.4, sg_target: str = "au", sg_classifier: Path | None = None,
                   reference: Path | None = None, scheduler: str = "ddim", precision: str = "auto",
                   device: str = "cpu") -> list[Path]:
     """Write ``n`` PNGs (seeds ``seed`` .. ``seed + n - 1``) and one ``<name>.json`` beside each."""

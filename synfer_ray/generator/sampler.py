@@ -39,7 +39,7 @@ class SamplerSettings:
     sg_scale: float = 0.0
     sg_window: float = 0.4
     scheduler: str = "ddim"
-    sg_target: str = "text"
+    sg_target: str = "au"
 
     @classmethod
     def from_config(cls, sampling) -> "SamplerSettings":
