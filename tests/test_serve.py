@@ -289,7 +289,7 @@ def test_web_page_tunes_aus_and_compares_sg_in_headless_chromium(server, tmp_pat
     # URL parameters fill the form as a person would: expression (sliders jump to its prototype),
     # then one slider moved, a prompt, CFG, steps, seed; autorun presses the button.
     url = (f"{server}/?expression=surprise&AU12=0.8&prompt=a%20portrait&cfg_scale=2.5&steps=4&seed=21&n=2"
-           "&sg_scale=3&sg_target=au&autorun=1")
+           "&sg_scale=3&sg_target=both&autorun=1")
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
     assert "2 seeds x surprise, SG off / SG on (3)" in dom, dom[-3000:]
     # One slider per AU of the bundle, each showing the prototype except the one moved.
@@ -313,7 +313,7 @@ def test_web_page_tunes_aus_and_compares_sg_in_headless_chromium(server, tmp_pat
         assert record["prompt"] == "a portrait" and record["bundle_hash"] == bundle_hash
         assert record["aus"] == pytest.approx(expected) and record["request"]["aus"] == pytest.approx(expected)
         assert record["settings"]["cfg_scale"] == 2.5 and record["settings"]["steps"] == 4
-        assert record["settings"]["sg_target"] == "au"  # the page's SG target select
+        assert record["settings"]["sg_target"] == "both"  # the page's SG target select, not the server default (au)
         assert record["label"] in record["probabilities"]
         assert sum(record["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     # The page's SG-on image is what the API returns for that request.
