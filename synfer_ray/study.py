@@ -156,7 +156,10 @@ def labeler_stage(study: StudyConfig, bundle: str, cache: StageCache, tracking: 
                                                               "register_as": None, "name": "study-labeler"}))
         history = summary.get("history") or [{}]
         return {"bundle": summary["bundle"], "test": summary.get("test"), "train_rows": history[-1].get("train_rows")}
-    return cache.run("labeler", _identity(config), make)
+    # A head is tied to the UNet it learnt over: a new bundle at the same path is a new stage.
+    from synfer_ray.bundle import BundleManifest
+    return cache.run("labeler", {**_identity(config), "bundle_content": BundleManifest.read(Path(bundle)).content_hash},
+                     make)
 
 
 # --- generation ------------------------------------------------------------------------------
