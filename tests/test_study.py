@@ -83,9 +83,12 @@ def test_downstream_synthetic_rows_choose_accepted_or_all(tmp_path):
                                                                                      ("headline", None)]
 
 
-def classifier_yaml(path, faces, arch, seed, part, epochs=1, **model):
+def classifier_yaml(path, faces, arch, seed, part, epochs=1, test=False, **model):
+    data = {"train": [{"path": str(faces["train"]), "part": part}], "val_fraction": 0.2}
+    if test:
+        data["test"] = {"path": str(faces["test"])}
     path.write_text(yaml.safe_dump({
-        "output": "unused", "data": {"train": [{"path": str(faces["train"]), "part": part}], "val_fraction": 0.2},
+        "output": "unused", "data": data,
         "model": {"arch": arch, **model}, "optim": {"epochs": epochs, "batch_size": 32, "seed": seed, "zero_stage": 0},
         "scaling": {"num_workers": 1, "torch_threads": 1}}))
     return str(path)
@@ -101,7 +104,7 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
         "guide": {"config": classifier_yaml(tmp_path / "guide.yaml", faces, "small_cnn", 0, "1/2")},
         "evaluator": {"config": classifier_yaml(tmp_path / "evaluator.yaml", faces, "small_convnext", 1, "2/2")},
         "generator": {"model": str(tiny_bundle_path)},
-        "labeler": {"config": classifier_yaml(tmp_path / "labeler.yaml", faces, "feranno", 0, None,
+        "labeler": {"config": classifier_yaml(tmp_path / "labeler.yaml", faces, "feranno", 0, None, test=True,
                                               labeler={"dim": 16, "heads": 2})},
         "generation": {"per_class": 2, "sampling": {"steps": 2, "cfg_scale": 2.0, "sg_scale": 1.0},
                        "tau": 0.0, "generator": {"min_actors": 1, "max_actors": 1, "batch_size": 8}},
