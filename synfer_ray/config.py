@@ -49,6 +49,9 @@ class AUSamplingConfig(_Strict):
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Scheduler = Literal["ddim", "dpmpp_2m", "unipc", "euler"]
+# Training rows' order (synfer_ray.data.faces.shuffled): global, an all-to-all shuffle (sources sorted
+# by class train correctly); blocks, block order only (cheaper, for sources already in random order).
+Shuffle = Literal["global", "blocks"]
 
 
 class SamplingConfig(_Strict):
@@ -303,9 +306,7 @@ class TrainDataConfig(_Strict):
     labels: Literal["hard", "soft"] = "hard"
     class_balanced_loss: bool = False  # weight the loss by inverse class frequency
     class_balanced_sampling: bool = False  # resample rows so every class is seen equally often
-    # global: an all-to-all shuffle (sources sorted by class train correctly); blocks: block order
-    # only, for sources already in random order (cheaper at millions of rows).
-    shuffle: Literal["global", "blocks"] = "global"
+    shuffle: Shuffle = "global"
     image_size: int = Field(48, ge=8)
     augment: AugmentConfig = AugmentConfig()
 
@@ -433,7 +434,7 @@ class LabelledFacesConfig(_Strict):
     path: str
     limit: int | None = Field(None, ge=1)  # a seeded random subset of this many rows
     part: str | None = Field(None, pattern=r"^[1-9][0-9]*/[1-9][0-9]*$")
-    shuffle: Literal["global", "blocks"] = "global"  # as TrainDataConfig.shuffle
+    shuffle: Shuffle = "global"
 
 
 class GeneratorArchitecture(_Strict):
