@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from synfer_ray.config import DEFAULT_SG_TARGET
 from synfer_ray.errors import SynferError
 
 app = typer.Typer(help="Make labelled synthetic facial-expression datasets with SynFER, on Ray.",
@@ -259,7 +260,7 @@ def generate_one(
     au_scale: float = typer.Option(1.0, help="Weight of the AU attention (0 = text only)."),
     sg_scale: float = typer.Option(0.0, help="Semantic-guidance step: percent of the steered norm (0 = off)."),
     sg_window: float = typer.Option(0.4, help="Fraction of late steps with semantic guidance."),
-    sg_target: str = typer.Option("au", help="What semantic guidance steers: text, au or both."),
+    sg_target: str = typer.Option(DEFAULT_SG_TARGET, help="What semantic guidance steers: text, au or both."),
     sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
     reference: Optional[Path] = typer.Option(None, help="Reference face for layout initialisation."),
     scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),

@@ -52,6 +52,10 @@ Scheduler = Literal["ddim", "dpmpp_2m", "unipc", "euler"]
 # Training rows' order (synfer_ray.data.faces.shuffled): global, an all-to-all shuffle (sources sorted
 # by class train correctly); blocks, block order only (cheaper, for sources already in random order).
 Shuffle = Literal["global", "blocks"]
+# What semantic guidance steers (synfer_ray.generator.guidance.SG_TARGETS). The default, the AU tokens,
+# is the faces-48 sweep's best agreement within 10% of no SG's diversity (docs/sg_sweep/faces48_v2.md).
+SgTarget = Literal["text", "au", "both"]
+DEFAULT_SG_TARGET: SgTarget = "au"
 
 
 class SamplingConfig(_Strict):
@@ -62,9 +66,7 @@ class SamplingConfig(_Strict):
     au_scale: float = Field(1.0, ge=0)
     sg_scale: float = Field(0.0, ge=0)  # percent of the steered conditioning's norm per guided step
     sg_window: float = Field(0.4, ge=0, le=1)
-    # The AU tokens: on faces-48 the sweep's best agreement within 10% of no SG's diversity
-    # (docs/sg_sweep/faces48_v2.md).
-    sg_target: Literal["text", "au", "both"] = "au"
+    sg_target: SgTarget = DEFAULT_SG_TARGET
     sg_classifier: str | None = None
 
 
@@ -413,7 +415,7 @@ class ServeConfig(_Strict):
     torch_threads: int = Field(2, ge=1)
     precision: Precision = "auto"  # the replica's weights and activations, as in generate
     scheduler: Scheduler = "ddim"  # a request's default sampler
-    sg_target: Literal["text", "au", "both"] = "au"  # a request's default semantic-guidance target
+    sg_target: SgTarget = DEFAULT_SG_TARGET  # a request's default semantic-guidance target
     max_ongoing_requests: int = Field(32, ge=1)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()

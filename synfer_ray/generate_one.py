@@ -10,6 +10,7 @@ import numpy as np
 
 from synfer_ray import taxonomy
 from synfer_ray.bundle import Bundle, load_bundle
+from synfer_ray.config import DEFAULT_SG_TARGET
 from synfer_ray.generator.sampler import GuidedSampler, SampleRequest, SamplerSettings
 from synfer_ray.errors import SynferError
 from synfer_ray.images import png_bytes, read_rgb
@@ -35,7 +36,7 @@ def expression_requests(bundle: Bundle, expression: str, aus: Mapping[str, float
 def generate_pngs(bundle_path: Path, expression: str, out: Path, *, aus: Mapping[str, float] | None = None,
                   prompt: str | None = None, seed: int = 0, n: int = 4, steps: int = 25,
                   cfg_scale: float = 3.0, au_scale: float = 1.0, sg_scale: float = 0.0,
-                  sg_window: float = 0.4, sg_target: str = "au", sg_classifier: Path | None = None,
+                  sg_window: float = 0.4, sg_target: str = DEFAULT_SG_TARGET, sg_classifier: Path | None = None,
                   reference: Path | None = None, scheduler: str = "ddim", precision: str = "auto",
                   device: str = "cpu") -> list[Path]:
     """Write ``n`` PNGs (seeds ``seed`` .. ``seed + n - 1``) and one ``<name>.json`` beside each."""

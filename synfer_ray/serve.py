@@ -34,7 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 
-from synfer_ray.config import ServeConfig, build_config
+from synfer_ray.config import Scheduler, ServeConfig, SgTarget, build_config
 from synfer_ray.errors import SynferError
 
 MAX_SEED = 2**63 - 1
@@ -54,14 +54,14 @@ class GenerateRequest(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the first image; image k uses seed + k.")
     n: int = Field(1, ge=1, le=64, description="Number of images (the server's max_images caps it further).")
     steps: int | None = Field(None, ge=1, le=1000, description="Sampling steps (server default and max_steps apply).")
-    scheduler: Literal["ddim", "dpmpp_2m", "unipc", "euler"] | None = Field(
+    scheduler: Scheduler | None = Field(
         None, description="Sampler; default: the server's (ServeConfig.scheduler).")
     cfg_scale: float = Field(3.0, ge=0, le=30, description="Classifier-free guidance scale; 1 = off.")
     au_scale: float = Field(1.0, ge=0, le=4, description="Weight of the AU attention; 0 = text only.")
     sg_scale: float = Field(0.0, ge=0, le=100, description="Semantic-guidance step, percent of the norm of what it "
                                                            "steers; 0 = off.")
     sg_window: float = Field(0.4, ge=0, le=1, description="Fraction of late steps with semantic guidance.")
-    sg_target: Literal["text", "au", "both"] | None = Field(
+    sg_target: SgTarget | None = Field(
         None, description="What semantic guidance steers; default: the server's (ServeConfig.sg_target).")
     format: Literal["json", "png"] = Field("json", description="'png' returns image/png bytes (n must be 1).")
 

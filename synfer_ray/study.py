@@ -84,14 +84,11 @@ def _classifier_description(path: str) -> dict:
 def classifier_stage(stage: StudyStage, kind: str, cache: StageCache, tracking: TrackingConfig,
                      real_test: str) -> dict:
     """Train (or take) one classifier; its accuracy on the study's real test set is measured here."""
+    from synfer_ray.evaluate import headline_figures
     from synfer_ray.train.fer import evaluate_model, run_train
 
-    def test_figures(model: str) -> dict:
-        report = evaluate_model(model, real_test)
-        # Per-class recall on real faces: a class the classifier cannot see on real faces cannot be
-        # scored (evaluator) or voted for (guide) on generated ones either.
-        return {**{k: report[k] for k in ("accuracy", "uar", "macro_f1")},
-                "recall": {name: row["recall"] for name, row in report["per_class"].items()}}
+    def test_figures(model: str) -> dict:  # a class missed on real faces cannot be scored or voted for
+        return headline_figures(evaluate_model(model, real_test))
 
     if stage.model:
         return {"model": stage.model, "arch": None, "seed": None, "parts": None, "test": test_figures(stage.model),

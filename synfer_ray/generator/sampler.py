@@ -20,6 +20,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from synfer_ray.bundle import Bundle
+from synfer_ray.config import DEFAULT_SG_TARGET
 from synfer_ray.errors import SynferError
 from synfer_ray.generator.guidance import SG_TARGETS, guidance_steps, predicted_noise, semantic_guidance_step
 from synfer_ray.generator.inversion import ddim_invert
@@ -39,7 +40,7 @@ class SamplerSettings:
     sg_scale: float = 0.0
     sg_window: float = 0.4
     scheduler: str = "ddim"
-    sg_target: str = "au"
+    sg_target: str = DEFAULT_SG_TARGET
 
     @classmethod
     def from_config(cls, sampling) -> "SamplerSettings":

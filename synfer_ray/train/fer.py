@@ -400,13 +400,12 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
                                                    zip(config.data.train, prepared.source_rows)],
                                    "mlflow_run_id": run.run_id}
         if prepared.test:
-            from synfer_ray.evaluate import write_report
+            from synfer_ray.evaluate import headline_figures, write_report
             report = evaluate_model(output / MODEL_DIR, prepared.test[0].path)
             for path in write_report(report, output / "eval"):
                 run.log_artifact(path, "eval")
             run.log_metrics({f"test_{k}": report[k] for k in ("accuracy", "uar", "macro_f1")})
-            summary["test"] = {**{k: report[k] for k in ("accuracy", "uar", "macro_f1", "rows", "skipped")},
-                               "recall": {name: row["recall"] for name, row in report["per_class"].items()}}
+            summary["test"] = headline_figures(report)
         (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         run.log_artifact(output / "train_config.json")
         run.log_artifact(output / "summary.json")
