@@ -585,6 +585,21 @@ class StudyGenerationConfig(_Strict):
     labeler: PoolConfig = PoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=64)
 
 
+class StudySweepConfig(_Strict):
+    """The SG sweep: the evaluator's agreement, diversity and a contact sheet at every (target, scale),
+    from no SG to past the point where agreement falls; the study's sampling otherwise."""
+
+    targets: list[SgTarget] = Field(["text", "au", "both"], min_length=1)
+    scales: list[float] = Field([4, 8, 16, 32, 64, 128], min_length=1)  # percent of the steered norm
+
+    @field_validator("scales")
+    @classmethod
+    def _positive(cls, scales: list[float]) -> list[float]:
+        if any(scale <= 0 for scale in scales):
+            raise ValueError("SG scales > 0 (no SG, scale 0, is always the sweep's first point)")
+        return scales
+
+
 class StudyDownstreamConfig(_Strict):
     real_rows: int = Field(2000, ge=7)  # N: the real subset; synthetic sets are multiples of it
     multiples: list[int] = [1, 2]
@@ -621,6 +636,7 @@ class StudyConfig(_Strict):
     generator: StudyStage  # a bundle (model) or a train-generator config
     labeler: StudyStage | None = None  # a train-labeler config (over the generator's bundle) or a bundle
     generation: StudyGenerationConfig = StudyGenerationConfig()
+    sweep: StudySweepConfig | None = None  # off when null
     downstream: StudyDownstreamConfig
     ray: RayConfig = RayConfig(num_cpus=4)
     tracking: TrackingConfig = TrackingConfig(enabled=True, experiment="synfer-study")

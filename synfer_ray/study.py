@@ -8,9 +8,10 @@ and a changed setting reruns only what it touches):
 2. the generator bundle (given, or ``train-generator``), and optionally FERAnno (``train-labeler``);
 3. one generated set per condition (text / + AU / + SG / + SG + labeler), equal numbers per class,
    the same seeds, prompts and AUs across conditions, scored by the evaluator;
-4. downstream: one small classifier trained on real only, synthetic only (multiples of the real
+4. optionally the SG sweep: the evaluator's agreement and diversity at each SG target and scale;
+5. downstream: one small classifier trained on real only, synthetic only (multiples of the real
    size) and real + synthetic, per seed, tested on held-out real faces;
-5. ``report.md`` with the tables, contact sheets and confusion matrices; MLflow: one parent run,
+6. ``report.md`` with the tables, contact sheets and confusion matrices; MLflow: one parent run,
    every stage a child run.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,20 +39,28 @@ def config_hash(payload: Any) -> str:
 
 
 class StageCache:
-    """``run(kind, payload, make)``: the stored result of an identical earlier stage, or ``make(dir)``'s."""
+    """``run(kind, payload, make)``: the stored result of an identical earlier stage, or ``make(dir)``'s.
+    ``times`` lists each stage this study used with the wall time of the run that made it."""
 
     def __init__(self, root: Path):
         self.root = root / "stages"
+        self.times: list[dict[str, Any]] = []
 
     def run(self, kind: str, payload: Any, make: Callable[[Path], dict]) -> dict:
         directory = self.root / f"{kind}-{config_hash(payload)}"
-        done = directory / "done.json"
+        done, started = directory / "done.json", directory / "stage_config.json"
         if done.is_file():
-            return {**json.loads(done.read_text()), "cached": True}
+            result = json.loads(done.read_text())
+            # Stages made before their time was recorded: the config is written as make() starts.
+            seconds = result.get("seconds", done.stat().st_mtime - started.stat().st_mtime)
+            self.times.append({"stage": directory.name, "seconds": seconds, "cached": True})
+            return {**result, "cached": True}
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "stage_config.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-        result = make(directory)
+        started.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        start = time.monotonic()
+        result = {**make(directory), "seconds": time.monotonic() - start}
         done.write_text(json.dumps(result, indent=2, default=str))
+        self.times.append({"stage": directory.name, "seconds": result["seconds"], "cached": False})
         return {**result, "cached": False}
 
 
@@ -289,6 +299,28 @@ def within_class_diversity(embeddings: np.ndarray, labels: np.ndarray) -> float:
                                 for name in dict.fromkeys(labels.tolist())})
 
 
+def sweep_stage(study: StudyConfig, bundle: str, evaluator: dict, cache: StageCache) -> dict | None:
+    """``synfer bundle sg-sweep`` inside the study: the study's sampling, seeds and evaluator, at every
+    SG target and scale of ``study.sweep`` plus no SG; a contact sheet per point."""
+    if study.sweep is None:
+        return None
+    import dataclasses
+
+    from synfer_ray.bundle import BundleManifest
+    from synfer_ray.generator.sampler import SamplerSettings
+    from synfer_ray.train.generator_report import sg_sweep
+    base = SamplerSettings.from_config(study.generation.sampling)
+    payload = {"bundle": BundleManifest.read(Path(bundle)).content_hash, "evaluator": evaluator["weights_sha256"],
+               "settings": dataclasses.asdict(base), "sweep": study.sweep.model_dump(mode="json"),
+               "per_class": study.generation.per_class, "seed": study.generation.seed}
+
+    def make(directory: Path) -> dict:
+        report = sg_sweep(Path(bundle), evaluator["model"], base, study.sweep.targets, study.sweep.scales,
+                          study.generation.per_class, study.generation.seed, directory / "sweep")
+        return {"directory": str(directory / "sweep"), **{k: report[k] for k in ("points", "best_within_diversity")}}
+    return cache.run("sweep", payload, make)
+
+
 # --- downstream ------------------------------------------------------------------------------
 
 def downstream_configs(study: StudyConfig, synthetic: str, seed: int,
@@ -386,6 +418,7 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
                                       str(output / "pending"), tracking)
             made = generation_stage(f"generate-{condition}", config, cache)
             results["conditions"][condition] = {**made, **score_dataset(made["dataset"], evaluator_info["model"], classes)}
+        results["sweep"] = sweep_stage(study, bundles["generator"], evaluator_info, cache)
         downstream = study.downstream
         synthetic_count = max(downstream.multiples) * downstream.real_rows
         synthetic_config = condition_config(study, downstream.condition, bundles, guide["model"],
@@ -410,6 +443,7 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
                                                    headline["dataset"] if headline else None).items():
                 outcome = downstream_stage(name, config, cache, tracking, lineage)
                 results["downstream"].setdefault(name, []).append({"seed": seed, **outcome})
+        results["stage_times"] = cache.times
         report = write_report(study, results, classes, output / "report")
         parent.log_metrics(flat_metrics(results))
         parent.log_artifacts(output / "report", "report")
@@ -428,6 +462,9 @@ def flat_metrics(results: dict) -> dict[str, float]:
         key = name.replace(" ", "_").replace("+", "plus")
         for metric in ("accuracy", "uar", "macro_f1"):
             metrics[f"downstream.{key}.{metric}"] = float(np.mean([r["test"][metric] for r in runs]))
+    for point in (results.get("sweep") or {}).get("points", []):
+        key = f"sweep.{point['sg_target']}_{point['sg_scale']:g}"
+        metrics[f"{key}.agreement"], metrics[f"{key}.diversity"] = point["agreement"]["overall"], point["diversity"]
     return {k: v for k, v in metrics.items() if np.isfinite(v)}
 
 
@@ -516,6 +553,35 @@ def headline_lines(results: dict) -> list[str]:
     return lines
 
 
+def stage_time_lines(times: Sequence[dict]) -> list[str]:
+    """Wall time of each stage, from the run that made it (a cached stage keeps its first time)."""
+    if not times:
+        return []
+    lines = ["", "## Stage times", "", f"Wall time of the run that made each stage (under `stages/`); "
+             f"{sum(t['seconds'] for t in times) / 3600:.1f} h in all.", "", "| stage | minutes |", "|---|---|"]
+    return lines + [f"| `{t['stage']}` | {t['seconds'] / 60:.1f} |" for t in times]
+
+
+def sweep_lines(results: dict, classes: Sequence[str], directory: Path) -> list[str]:
+    """The SG sweep's table, with each point's contact sheet copied next to the report."""
+    sweep = results.get("sweep")
+    if not sweep:
+        return []
+    from synfer_ray.train.generator_report import sweep_table
+    sheets = []
+    for point in sweep["points"]:
+        name = f"sweep_{point['sg_target']}_{point['sg_scale']:g}.png"
+        source = Path(sweep["directory"]) / point["contact_sheet"]
+        if source.is_file():
+            shutil.copy(source, directory / name)
+            sheets.append(f"`{name}`")
+    return ["", "## SG sweep (the evaluator's agreement with the asked class, %)", "",
+            "The study's sampling and seeds at each SG target and scale (percent of the norm of what SG steers), "
+            "the same images per class at every point. Diversity: the mean within-class cosine distance of "
+            "the evaluator's embeddings (0 = all alike).", "",
+            sweep_table(sweep, classes).rstrip("\n"), "", "Contact sheets: " + ", ".join(sheets) + "."]
+
+
 def write_report(study: StudyConfig, results: dict, classes: Sequence[str], directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     guide, evaluator = results["classifiers"]["guide"], results["classifiers"]["evaluator"]
@@ -559,6 +625,7 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
         source = Path(scores["dataset"]) / "report" / "contact_sheet.png"
         if source.is_file():
             shutil.copy(source, directory / f"contact_{condition}.png")
+    lines += sweep_lines(results, classes, directory)
     lines += ["", "## Downstream: a classifier trained on each set, tested on real faces (%)", "",
               f"Real subset N = {study.downstream.real_rows}; synthetic = condition "
               f"{CONDITION_TITLES[study.downstream.condition]} ({study.downstream.synthetic_rows} rows: "
@@ -576,6 +643,7 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
         if confusion.is_file():
             shutil.copy(confusion, directory / f"confusion_{name.replace(' ', '_').replace('+', 'plus')}.png")
     lines += headline_lines(results)
+    lines += stage_time_lines(results.get("stage_times", []))
     lines += ["", "Contact sheets: " + ", ".join(f"`contact_{c}.png`" for c in results["conditions"]) + "; "
               "confusion matrices: `confusion_*.png`.", ""]
     report = directory / "report.md"

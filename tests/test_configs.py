@@ -15,7 +15,7 @@ MODELS = {"sd15-1m.yaml": GenerateConfig, "train-fer2013.yaml": TrainConfig, "tr
           "serve.yaml": ServeConfig, "pipeline-tiny.yaml": PipelineConfig, "fer2013-guide.yaml": TrainConfig,
           "fer2013-evaluator.yaml": TrainConfig, "train-labeler.yaml": TrainConfig,
           "train-adapter.yaml": AdapterTrainConfig, "study.yaml": StudyConfig, "pipeline-gpu.yaml": PipelineConfig,
-          "faces-48-v2.yaml": GeneratorTrainConfig, "study-full.yaml": StudyConfig}
+          "faces-48-v2.yaml": GeneratorTrainConfig}
 PRESETS = {"tiny": GenerateConfig, "faces-48": GeneratorTrainConfig, "tiny-generator": GeneratorTrainConfig}
 
 

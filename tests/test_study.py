@@ -43,9 +43,13 @@ def test_stage_cache_reuses_an_identical_stage_only(tmp_path):
     def make(directory):
         calls.append(directory)
         return {"value": len(calls)}
-    assert cache.run("k", {"a": 1}, make) == {"value": 1, "cached": False}
-    assert cache.run("k", {"a": 1}, make) == {"value": 1, "cached": True}
+    first = cache.run("k", {"a": 1}, make)
+    assert (first["value"], first["cached"]) == (1, False) and first["seconds"] >= 0
+    assert cache.run("k", {"a": 1}, make) == {**first, "cached": True}
     assert cache.run("k", {"a": 2}, make)["value"] == 2 and len(calls) == 2
+    # Each stage used, with the wall time of the run that made it (kept by a cached stage).
+    assert [(t["cached"], t["seconds"]) for t in cache.times] == [(False, first["seconds"]), (True, first["seconds"]),
+                                                                  (False, cache.times[2]["seconds"])]
 
 
 def test_a_headline_budget_needs_a_headline_target(tmp_path):
@@ -56,6 +60,19 @@ def test_a_headline_budget_needs_a_headline_target(tmp_path):
         build_config(StudyConfig, raw)
     raw["downstream"]["headline_synthetic_rows"] = 70
     assert build_config(StudyConfig, raw).downstream.headline_max_rows == 1000
+
+
+def test_a_sweep_scale_must_be_positive(tmp_path):
+    raw = {"output": str(tmp_path), "real_train": "real.parquet", "real_test": "test.parquet",
+           "guide": {"model": "g"}, "evaluator": {"model": "e"}, "generator": {"model": "b"},
+           "downstream": {"train": {"config": "x.yaml"}}, "sweep": {"scales": [0, 8]}}
+    with pytest.raises(SynferError, match="sweep.scales"):
+        build_config(StudyConfig, raw)
+    raw["sweep"] = {"targets": ["au"], "scales": [8, 64]}
+    assert build_config(StudyConfig, raw).sweep.targets == ["au"]
+    raw["sweep"] = {"targets": ["eyes"]}
+    with pytest.raises(SynferError, match="sweep.targets"):
+        build_config(StudyConfig, raw)
 
 
 def test_downstream_synthetic_rows_choose_accepted_or_all(tmp_path):
@@ -108,6 +125,7 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
                                               labeler={"dim": 16, "heads": 2})},
         "generation": {"per_class": 2, "sampling": {"steps": 2, "cfg_scale": 2.0, "sg_scale": 1.0},
                        "tau": 0.0, "generator": {"min_actors": 1, "max_actors": 1, "batch_size": 8}},
+        "sweep": {"targets": ["au", "text"], "scales": [4]},
         "downstream": {"real_rows": 70, "multiples": [1, 2],
                        "train": {"config": classifier_yaml(tmp_path / "small.yaml", faces, "small_cnn", 0, None)},
                        "seeds": [0], "headline_synthetic_rows": 14, "headline_max_rows": 70},
@@ -120,7 +138,7 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
                   "real only", "synthetic only 1x", "synthetic only 2x", "real + synthetic 1x", "all real",
                   "all real + synthetic", "guide", "evaluator", "generator", "labeler (FERAnno)"):
         assert re.search(rf"\| {re.escape(title)} \| \d", report), title
-    assert "## The headline claim" in report and "## Real-data budget" in report
+    assert "## The headline claim" in report and "## Real-data budget" in report and "## Stage times" in report
     assert "Recall per class on the real test faces" in report and "Accepted rows per class" in report
     assert results["headline_synthetic"]["accepted_targets"]["budget"] == 70
     for role in ("guide", "evaluator", "labeler"):
@@ -134,7 +152,12 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     for condition in ("text", "text_au", "text_au_sg"):  # without the labeler the label is the target
         assert results["conditions"][condition]["label_matches_target"] == 1.0
     assert results["conditions"]["text_au_sg_labeler"]["rows"] == 14
-    for name in ("contact_text.png", "contact_text_au_sg_labeler.png", "confusion_real_only.png"):
+    # The SG sweep: no SG, then each target at each scale, with a contact sheet per point.
+    assert [(p["sg_target"], p["sg_scale"]) for p in results["sweep"]["points"]] == [
+        ("none", 0), ("au", 4), ("text", 4)]
+    assert "## SG sweep" in report and re.search(r"\| text \| 4 \| \*\*\d", report)
+    for name in ("contact_text.png", "contact_text_au_sg_labeler.png", "confusion_real_only.png",
+                 "sweep_none_0.png", "sweep_au_4.png", "sweep_text_4.png"):
         assert (tmp_path / "study" / "report" / name).is_file()
     # One parent run, every stage a child run of it.
     from mlflow.tracking import MlflowClient
@@ -146,4 +169,4 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     assert "fer_accuracy" in json.dumps(parent.data.metrics)
     # A second run takes every stage from the cache.
     again = run_study(study)
-    assert all(d["cached"] for runs_ in again["downstream"].values() for d in runs_)
+    assert all(d["cached"] for runs_ in again["downstream"].values() for d in runs_) and again["sweep"]["cached"]
