@@ -1,5 +1,7 @@
 """The pure parts of training and evaluation: losses, schedule, metrics, decoding, label checks."""
 
+import collections
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -150,6 +152,22 @@ def test_class_counts_of_a_synfer_dataset_count_accepted_rows_only(tmp_path):
     assert source.synthetic
     assert check_labels(source, taxonomy.AFFECTNET_7, "f") == {"happy": 3, "sad": 1}
     assert check_labels(source, taxonomy.AFFECTNET_7, "f", accepted_only=False) == {"happy": 6, "sad": 4}
+
+
+def test_the_latent_scale_sample_spans_a_source_sorted_by_class(ray_cluster, tmp_path):
+    """The generator's latent scale is measured on a sample chosen by row-id hash over the whole
+    source (no shuffle of every row): from a class-sorted source it holds every class."""
+    from conftest import separable_faces
+
+    from synfer_ray.config import LabelledFacesConfig
+    from synfer_ray.train.generator import read_faces
+    path = tmp_path / "sorted.parquet"
+    pq.write_table(separable_faces(300, seed=0), path, row_group_size=256)  # 2,100 rows, one class after another
+    settings = LabelledFacesConfig(path=str(path), limit=140)
+    labels = [row["label"] for row in read_faces(resolve_source(str(path), "data.path"), settings, 0).iter_rows()]
+    assert 100 <= len(labels) <= 180
+    counts = collections.Counter(labels)
+    assert len(counts) == 7 and min(counts.values()) >= 8, counts
 
 
 @pytest.mark.parametrize("shuffle", ["global", "blocks"])

@@ -195,7 +195,10 @@ def replace_components(checkpoint: Path, subdirectory: str, names: Sequence[str]
         staged.rename(target)
 
 
-def set_latent_scale(components: Path, dataset, samples: int = 1024, device: str | None = None,
+LATENT_SCALE_ROWS = 1024  # rows the latent scale is measured on
+
+
+def set_latent_scale(components: Path, dataset, samples: int = LATENT_SCALE_ROWS, device: str | None = None,
                      chunk: int = 16) -> float:
     """SD's trick: scale latents to unit variance, measured on the training images (``chunk`` at a
     time on ``device``: CUDA where there is one, so an SD VAE at 512 px fits and is quick)."""
@@ -335,8 +338,11 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
                 replace_components(checkpoint, "weights", ["vae"], components)
             else:
                 history = []
-            # Measured on a random sample: the first rows of a source written class by class are one class.
-            scale = set_latent_scale(components, shuffled(pixels, "global", config.seed))
+            # Measured on rows spread over the whole source (the first rows of a source written class
+            # by class are one class), chosen by the seeded row-id hash: no shuffle of every row.
+            sample = read_faces(source, config.data.model_copy(update={"limit": min(
+                config.data.limit or LATENT_SCALE_ROWS, LATENT_SCALE_ROWS)}), config.seed)
+            scale = set_latent_scale(components, decoded_pixels(sample, classes, resolution), LATENT_SCALE_ROWS)
             ledger.finish("vae", {"history": history, "scaling_factor": scale})
         if "denoiser" not in ledger.done:
             stage = config.unet
