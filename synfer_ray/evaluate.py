@@ -40,7 +40,8 @@ def metrics_from_confusion(matrix: np.ndarray, classes: Sequence[str]) -> dict:
 def headline_figures(report: dict) -> dict:
     """The figures a run summary keeps of a test report: the overall ones and each class's recall (a
     class a classifier cannot see on real faces it cannot score or vote for on generated ones)."""
-    return {**{k: report[k] for k in ("accuracy", "uar", "macro_f1", "rows") if k in report},
+    return {**{k: report[k] for k in ("accuracy", "uar", "macro_f1", "rows", "acceptance", "accepted_accuracy")
+               if k in report},
             "skipped": report.get("skipped", 0),
             "recall": {name: row["recall"] for name, row in report["per_class"].items()}}
 

@@ -169,6 +169,23 @@ def labeler_stage(study: StudyConfig, bundle: str, cache: StageCache, tracking: 
                      make)
 
 
+def vote_figures(study: StudyConfig, guide: str, labeler_bundle: str | None) -> dict[str, dict]:
+    """The labelers' vote, as generate runs it (weighted mean, tau), on the real test faces: the guide
+    alone and, with a labeler, the guide with it. The labeler's vote adds information when the pair
+    labels more faces right, or accepts more at the same share right, than the guide alone."""
+    from synfer_ray.config import LabelingConfig
+    from synfer_ray.evaluate import headline_figures
+    from synfer_ray.labeler.feranno import LABELER_DIR
+    from synfer_ray.train.fer import evaluate_ensemble
+    tau = study.generation.tau
+    votes = {"guide": headline_figures(evaluate_ensemble([guide], study.real_test, tau=tau))}
+    if labeler_bundle:
+        votes["guide + labeler"] = headline_figures(evaluate_ensemble(
+            [guide, str(Path(labeler_bundle) / LABELER_DIR)], study.real_test,
+            [1.0, LabelingConfig().bundle_labeler_weight], tau))
+    return votes
+
+
 # --- generation ------------------------------------------------------------------------------
 
 def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str], guide: str, count: int | None,
@@ -410,6 +427,7 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
         labeler = labeler_stage(study, generator["bundle"], cache, tracking)
         bundles = {"generator": generator["bundle"], "labeler": labeler["bundle"] if labeler else None}
         results["generator"], results["labeler"] = generator, labeler
+        results["votes"] = vote_figures(study, guide["model"], bundles["labeler"])
         classes = BundleManifest.read(Path(bundles["generator"])).classes
         count = study.generation.per_class * len(classes)
         results["conditions"] = {}
@@ -462,6 +480,9 @@ def flat_metrics(results: dict) -> dict[str, float]:
         key = name.replace(" ", "_").replace("+", "plus")
         for metric in ("accuracy", "uar", "macro_f1"):
             metrics[f"downstream.{key}.{metric}"] = float(np.mean([r["test"][metric] for r in runs]))
+    for name, vote in (results.get("votes") or {}).items():
+        for metric in ("accuracy", "acceptance", "accepted_accuracy"):
+            metrics[f"vote.{name.replace(' + ', '_and_')}.{metric}"] = vote[metric]
     for point in (results.get("sweep") or {}).get("points", []):
         key = f"sweep.{point['sg_target']}_{point['sg_scale']:g}"
         metrics[f"{key}.agreement"], metrics[f"{key}.diversity"] = point["agreement"]["overall"], point["diversity"]
@@ -553,6 +574,19 @@ def headline_lines(results: dict) -> list[str]:
     return lines
 
 
+def vote_lines(votes: dict[str, dict], tau: float) -> list[str]:
+    """The labelers' vote on real faces: does the labeler's vote add to the guide's?"""
+    if not votes:
+        return []
+    lines = ["", "The vote that labels generated rows (the weighted mean of the voters' probabilities), on the "
+             f"real test faces: its label's accuracy, and the rows it accepts at tau {tau} with the share of "
+             "them labelled right.", "", "| vote | accuracy | UAR | accepted | right among accepted |",
+             "|---|---|---|---|---|"]
+    return lines + [f"| {name} | {_cell([v.get('accuracy')])} | {_cell([v.get('uar')])} | "
+                    f"{_cell([v.get('acceptance')])} | {_cell([v.get('accepted_accuracy')])} |"
+                    for name, v in votes.items()]
+
+
 def stage_time_lines(times: Sequence[dict]) -> list[str]:
     """Wall time of each stage, from the run that made it (a cached stage keeps its first time)."""
     if not times:
@@ -589,7 +623,8 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
              f"Real train `{study.real_train}`, real test `{study.real_test}`. "
              f"{study.generation.per_class} images per class and condition, the same seeds, prompts and AUs in "
              f"every condition; sampling {study.generation.sampling.steps} {study.generation.sampling.scheduler} steps, CFG "
-             f"{study.generation.sampling.cfg_scale}, SG scale {study.generation.sampling.sg_scale}, window "
+             f"{study.generation.sampling.cfg_scale}, SG scale {study.generation.sampling.sg_scale} on "
+             f"{study.generation.sampling.sg_target}, window "
              f"{study.generation.sampling.sg_window}; labeler tau {study.generation.tau}.", "",
              "## The classifiers", "",
              "| role | model | architecture | seed | data part | test accuracy | UAR |", "|---|---|---|---|---|---|---|"]
@@ -603,6 +638,7 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
         lines.append(f"| labeler (votes with the guide) | `{results['labeler']['bundle']}` | feranno | | all | "
                      f"{_cell([labeler_test.get('accuracy')])} | {_cell([labeler_test.get('uar')])} |")
     lines += recall_lines(results, classes)
+    lines += vote_lines(results.get("votes") or {}, study.generation.tau)
     lines += ["", "## Real-data budget", "", "Real faces every model learnt from (rows of "
               f"`{Path(study.real_train).name}`; the downstream models' are in their table below).", "",
               "| model | real rows it learnt from | how |", "|---|---|---|"]

@@ -193,3 +193,32 @@ def test_a_source_sorted_by_class_reaches_training_in_mixed_batches(ray_cluster,
         assert np.mean(classes_per_batch) > 6.5, classes_per_batch
     else:  # block order only: a batch holds the few classes of the rows the buffer spans (here 4-5)
         assert np.mean(classes_per_batch) < 5.5, classes_per_batch
+
+
+def test_the_vote_on_labelled_faces_is_the_mean_of_its_models_probabilities(tiny_bundle_path, second_voter,
+                                                                              separable_parquet):
+    """evaluate_ensemble scores a generate run's labeler vote on real faces: one model is its own
+    report; two vote by the mean of their probabilities; tau decides which rows the vote accepts."""
+    import math
+
+    from synfer_ray.classifiers import load_classifier, predict_probabilities
+    from synfer_ray.train.fer import evaluate_ensemble, evaluate_model
+    models, test = [tiny_bundle_path / "sg_classifier", second_voter], str(separable_parquet["test"])
+    alone = evaluate_model(models[0], test)
+    assert evaluate_ensemble(models[:1], test)["confusion_matrix"] == alone["confusion_matrix"]
+    table = pq.read_table(test)
+    decoded = decode_faces({"image": table["image"].to_pylist(), "label": table["label"].to_pylist()},
+                           taxonomy.AFFECTNET_7, 48, soft=False, synthetic=False)
+    mean = np.mean([predict_probabilities(load_classifier(m), decoded["pixels"]) for m in models], axis=0)
+    truth = decoded["target"].argmax(axis=1)
+    by_hand = confusion_matrix(truth, mean.argmax(axis=1), len(taxonomy.AFFECTNET_7))
+    every = evaluate_ensemble(models, test, tau=0.0)
+    assert every["confusion_matrix"] == by_hand.tolist()
+    assert every["acceptance"] == 1.0 and every["accepted_accuracy"] == pytest.approx(every["accuracy"])
+    half = evaluate_ensemble(models, test, tau=0.5)
+    confident = mean.max(axis=1) >= 0.5
+    assert half["acceptance"] == pytest.approx(confident.mean())
+    if confident.any():
+        assert half["accepted_accuracy"] == pytest.approx((mean.argmax(axis=1) == truth)[confident].mean())
+    none = evaluate_ensemble(models, test, tau=1.0)
+    assert none["acceptance"] == 0.0 and math.isnan(none["accepted_accuracy"])

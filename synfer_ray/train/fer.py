@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -418,35 +418,52 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
 def evaluate_model(model_path: str | Path, data_path: str, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
     """Evaluate a saved classifier on labelled faces (in this process, on ``device``: auto is CUDA where
     torch sees it; fp32, so figures compare across machines; skipped images counted)."""
+    return {**evaluate_ensemble([model_path], data_path, batch_size=batch_size, device=device),
+            "model": str(model_path)}
+
+
+def evaluate_ensemble(model_paths: Sequence[str | Path], data_path: str, weights: Sequence[float] | None = None,
+                      tau: float = 0.5, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+    """Evaluate classifiers voting as a generate run's labelers do (the weighted mean of their
+    probabilities, :func:`synfer_ray.labeler.rectify.rectify`) on labelled faces: the usual report
+    of the vote's label, plus which share of rows the vote accepts at ``tau`` and how many of those
+    it labels right. With one model, that model's own report."""
     import pyarrow.dataset as pads
     import torch
 
     from synfer_ray.classifiers import load_classifier, predict_probabilities
     from synfer_ray.data.faces import decode_faces
     from synfer_ray.evaluate import confusion_matrix, metrics_from_confusion
+    from synfer_ray.labeler.rectify import align_probabilities, rectify
     if device not in ("auto", "cpu", "cuda"):
         raise SynferError("--device", device, "auto, cpu or cuda")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SynferError("--device", device, "cpu or auto on a machine without CUDA")
-    model = load_classifier(model_path, field="model").to(device)
-    classes = tuple(model.classes)
+    models = [load_classifier(path, field="model").to(device) for path in model_paths]
+    classes = tuple(models[0].classes)
     source = resolve_source(data_path, "data")
     check_labels(source, classes, "data")
     table = pads.dataset(source.data_path, format="parquet").to_table(columns=["image", "label"])
     matrix = np.zeros((len(classes),) * 2, np.int64)
-    skipped = 0
+    skipped = accepted = accepted_right = 0
     for batch in table.to_batches(max_chunksize=batch_size):
-        decoded = decode_faces({"image": batch.column("image").to_pylist(), "label": batch.column("label").to_pylist()},
-                               classes, model.image_size, soft=False, synthetic=False)
-        valid = decoded["valid"]
+        columns = {"image": batch.column("image").to_pylist(), "label": batch.column("label").to_pylist()}
+        votes, truth = [], None
+        for model in models:  # each at its own input size; a face one cannot decode is skipped by all
+            decoded = decode_faces(columns, classes, model.image_size, soft=False, synthetic=False)
+            valid, truth = decoded["valid"], decoded["target"][decoded["valid"]].argmax(axis=1)
+            votes.append(align_probabilities(predict_probabilities(model, decoded["pixels"][valid], batch_size),
+                                             model.classes, classes, "model") if valid.any() else None)
         skipped += int((~valid).sum())
         if valid.any():
-            predicted = predict_probabilities(model, decoded["pixels"][valid], batch_size).argmax(axis=1)
-            matrix += confusion_matrix(decoded["target"][valid].argmax(axis=1), predicted, len(classes))
+            vote = rectify(np.stack(votes), weights, tau)
+            matrix += confusion_matrix(truth, vote.label_index, len(classes))
+            accepted += int(vote.accepted.sum())
+            accepted_right += int((vote.label_index == truth)[vote.accepted].sum())
     report = metrics_from_confusion(matrix, classes)
-    report["skipped"] = skipped
-    report["model"] = str(model_path)
-    report["data"] = data_path
+    report.update(skipped=skipped, data=data_path, models=[str(path) for path in model_paths],
+                  tau=tau, acceptance=accepted / max(int(matrix.sum()), 1),
+                  accepted_accuracy=accepted_right / accepted if accepted else float("nan"))
     return report
