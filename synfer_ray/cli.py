@@ -160,6 +160,7 @@ def bundle_sg_sweep(
     sg_window: float = typer.Option(0.4, help="Fraction of late steps with semantic guidance."),
     scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),
     seed: int = typer.Option(10_000, help="Seed of the first sample."),
+    sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
 ) -> None:
     """Evaluator agreement, diversity and a contact sheet for each SG target and scale."""
     from synfer_ray.generator.sampler import SamplerSettings
@@ -170,7 +171,8 @@ def bundle_sg_sweep(
             SamplerSettings(sg_target=name)  # refused here, before any sampling, naming sg_target
         if any(value < 0 for value in scale):
             raise SynferError("--scale", scale, "SG scales >= 0")
-        report = sg_sweep(bundle, str(evaluator), base, target, scale, per_class, seed, out, log=typer.echo)
+        report = sg_sweep(bundle, str(evaluator), base, target, scale, per_class, seed, out, log=typer.echo,
+                          sg_classifier=str(sg_classifier) if sg_classifier else None)
     except SynferError as error:
         _fail(error)
     typer.echo(f"report: {out / 'sweep.md'} ({len(report['points'])} points)")

@@ -316,9 +316,9 @@ def within_class_diversity(embeddings: np.ndarray, labels: np.ndarray) -> float:
                                 for name in dict.fromkeys(labels.tolist())})
 
 
-def sweep_stage(study: StudyConfig, bundle: str, evaluator: dict, cache: StageCache) -> dict | None:
-    """``synfer bundle sg-sweep`` inside the study: the study's sampling, seeds and evaluator, at every
-    SG target and scale of ``study.sweep`` plus no SG; a contact sheet per point."""
+def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, cache: StageCache) -> dict | None:
+    """``synfer bundle sg-sweep`` inside the study: the study's sampling, seeds, guide and evaluator, at
+    every SG target and scale of ``study.sweep`` plus no SG; a contact sheet per point."""
     if study.sweep is None:
         return None
     import dataclasses
@@ -327,14 +327,16 @@ def sweep_stage(study: StudyConfig, bundle: str, evaluator: dict, cache: StageCa
     from synfer_ray.generator.sampler import SamplerSettings
     from synfer_ray.train.generator_report import sg_sweep
     base = SamplerSettings.from_config(study.generation.sampling)
-    payload = {"bundle": BundleManifest.read(Path(bundle)).content_hash, "evaluator": evaluator["weights_sha256"],
-               "settings": dataclasses.asdict(base), "sweep": study.sweep.model_dump(mode="json"),
+    payload = {"bundle": BundleManifest.read(Path(bundle)).content_hash, "guide": guide["weights_sha256"],
+               "evaluator": evaluator["weights_sha256"], "settings": dataclasses.asdict(base), "sweep": study.sweep.model_dump(mode="json"),
                "per_class": study.generation.per_class, "seed": study.generation.seed}
 
     def make(directory: Path) -> dict:
         report = sg_sweep(Path(bundle), evaluator["model"], base, study.sweep.targets, study.sweep.scales,
-                          study.generation.per_class, study.generation.seed, directory / "sweep")
-        return {"directory": str(directory / "sweep"), **{k: report[k] for k in ("points", "best_within_diversity")}}
+                          study.generation.per_class, study.generation.seed, directory / "sweep",
+                          sg_classifier=guide["model"])
+        return {"directory": str(directory / "sweep"), "sg_classifier": guide["model"],
+                **{k: report[k] for k in ("points", "best_within_diversity")}}
     return cache.run("sweep", payload, make)
 
 
@@ -436,7 +438,7 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
                                       str(output / "pending"), tracking)
             made = generation_stage(f"generate-{condition}", config, cache)
             results["conditions"][condition] = {**made, **score_dataset(made["dataset"], evaluator_info["model"], classes)}
-        results["sweep"] = sweep_stage(study, bundles["generator"], evaluator_info, cache)
+        results["sweep"] = sweep_stage(study, bundles["generator"], guide, evaluator_info, cache)
         downstream = study.downstream
         synthetic_count = max(downstream.multiples) * downstream.real_rows
         synthetic_config = condition_config(study, downstream.condition, bundles, guide["model"],

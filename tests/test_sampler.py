@@ -248,3 +248,21 @@ def test_sg_sweep_reports_every_target_and_scale_from_the_same_seeds(tiny_bundle
     assert "Highest agreement with diversity within 10%" in (tmp_path / "sweep.md").read_text()
     bad = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "bad"), "--target", "pixels"])
     assert bad.exit_code != 0 and "sg_target" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_sg_sweep_steers_by_the_guide_it_is_given(tiny_bundle_path, second_voter, tmp_path):
+    """The study sweeps with its own guide: --sg-classifier replaces the bundle's, so the SG points
+    change while the no-SG point stays the same image for image."""
+    from typer.testing import CliRunner
+
+    from synfer_ray.cli import app
+    sheets = {}
+    for name, extra in (("own", []), ("other", ["--sg-classifier", str(second_voter)])):
+        args = ["bundle", "sg-sweep", str(tiny_bundle_path), "--evaluator", str(tiny_bundle_path / "sg_classifier"),
+                "--out", str(tmp_path / name), "--per-class", "2", "--steps", "3", "--target", "au",
+                "--scale", "50", *extra]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        sheets[name] = {p.name: p.read_bytes() for p in (tmp_path / name).glob("contact_*.png")}
+    assert sheets["own"]["contact_none_0.png"] == sheets["other"]["contact_none_0.png"]
+    assert sheets["own"]["contact_au_50.png"] != sheets["other"]["contact_au_50.png"]

@@ -132,6 +132,7 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
         "tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "study-ci"},
     })
     results = run_study(study)
+    guide_model = results["classifiers"]["guide"]["model"]
     report = (tmp_path / "study" / "report" / "report.md").read_text()
     assert "n/a" not in report and "nan" not in report  # every cell has a figure
     for title in ("(a) text only", "(b) text + AU", "(c) text + AU + SG", "(d) text + AU + SG + labeler",
@@ -157,6 +158,7 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     # The SG sweep: no SG, then each target at each scale, with a contact sheet per point.
     assert [(p["sg_target"], p["sg_scale"]) for p in results["sweep"]["points"]] == [
         ("none", 0), ("au", 4), ("text", 4)]
+    assert results["sweep"]["sg_classifier"] == guide_model  # steered by the study's guide, not the bundle's
     assert "## SG sweep" in report and re.search(r"\| text \| 4 \| \*\*\d", report)
     for name in ("contact_text.png", "contact_text_au_sg_labeler.png", "confusion_real_only.png",
                  "sweep_none_0.png", "sweep_au_4.png", "sweep_text_4.png"):

@@ -99,9 +99,11 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
 
 
 def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targets: Sequence[str],
-             scales: Sequence[float], per_class: int, seed: int, out: Path, log=print) -> dict[str, Any]:
+             scales: Sequence[float], per_class: int, seed: int, out: Path, log=print,
+             sg_classifier: str | None = None) -> dict[str, Any]:
     """Evaluator agreement (overall and per class), within-class diversity and a contact sheet for
     every (SG target, scale), all from the same seeds; scale 0 (no SG) once, shared by every target.
+    SG follows ``sg_classifier`` (default: the bundle's own guide).
 
     Writes ``sweep.json``, ``sweep.md`` and ``contact_<target>_<scale>.png`` under ``out``. The
     evaluator must not be the guide: it judges what the guide steered.
@@ -114,7 +116,7 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
     from synfer_ray.study import within_class_diversity
     from synfer_ray.train.generator import agreement_by_class
     device = report_device()  # fp32 throughout: the sweep's figures compare across machines
-    bundle = load_bundle(bundle_path).to(device)
+    bundle = load_bundle(bundle_path, sg_classifier=sg_classifier).to(device)
     evaluator = load_classifier(evaluator_path, field="evaluator").to(device)
     points = [("none", 0.0)] + [(target, float(scale)) for target in targets for scale in scales if scale > 0]
     results = []
@@ -132,6 +134,7 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
         log(f"{target:>5} SG {scale:>5g}: agreement {shares['overall']:.1%}, diversity {diversity:.4f}, "
             f"{seconds:.0f} s")
     report = {"bundle": str(bundle_path), "bundle_hash": bundle.content_hash, "evaluator": evaluator_path,
+              "sg_classifier": sg_classifier or "the bundle's",
               "per_class": per_class, "seed": seed, "settings": dataclasses.asdict(base), "points": results,
               "best_within_diversity": best_within_diversity(results)}
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
