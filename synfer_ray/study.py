@@ -432,13 +432,18 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
         results["votes"] = vote_figures(study, guide["model"], bundles["labeler"])
         classes = BundleManifest.read(Path(bundles["generator"])).classes
         count = study.generation.per_class * len(classes)
-        results["conditions"] = {}
+        results["conditions"], results["downstream"] = {}, {}
+
+        def progress() -> None:  # the report so far: a study runs for hours, its tables fill as it goes
+            write_report(study, {**results, "stage_times": cache.times}, classes, output / "report", complete=False)
         for condition in study.generation.conditions:
             config = condition_config(study, condition, bundles, guide["model"], count, study.generation.seed,
                                       str(output / "pending"), tracking)
             made = generation_stage(f"generate-{condition}", config, cache)
             results["conditions"][condition] = {**made, **score_dataset(made["dataset"], evaluator_info["model"], classes)}
+            progress()
         results["sweep"] = sweep_stage(study, bundles["generator"], guide, evaluator_info, cache)
+        progress()
         downstream = study.downstream
         synthetic_count = max(downstream.multiples) * downstream.real_rows
         synthetic_config = condition_config(study, downstream.condition, bundles, guide["model"],
@@ -446,6 +451,7 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
                                             study.generation.seed + 1, str(output / "pending"), tracking)
         synthetic = generation_stage(f"synthetic-{downstream.condition}", synthetic_config, cache)
         results["synthetic"] = synthetic
+        progress()
         lineage = {synthetic["dataset"]: config_hash(synthetic_config.model_dump(mode="json", exclude={"output"}))}
         headline = None
         if downstream.headline_synthetic_rows:
@@ -456,13 +462,14 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
                 max_rows=downstream.headline_max_rows)
             headline = generation_stage(f"headline-{downstream.condition}", headline_config, cache)
             results["headline_synthetic"] = headline
+            progress()
             lineage[headline["dataset"]] = config_hash(headline_config.model_dump(mode="json", exclude={"output"}))
-        results["downstream"] = {}
         for seed in downstream.seeds:
             for name, config in downstream_configs(study, synthetic["dataset"], seed,
                                                    headline["dataset"] if headline else None).items():
                 outcome = downstream_stage(name, config, cache, tracking, lineage)
                 results["downstream"].setdefault(name, []).append({"seed": seed, **outcome})
+                progress()
         results["stage_times"] = cache.times
         report = write_report(study, results, classes, output / "report")
         parent.log_metrics(flat_metrics(results))
@@ -618,10 +625,14 @@ def sweep_lines(results: dict, classes: Sequence[str], directory: Path) -> list[
             sweep_table(sweep, classes).rstrip("\n"), "", "Contact sheets: " + ", ".join(sheets) + "."]
 
 
-def write_report(study: StudyConfig, results: dict, classes: Sequence[str], directory: Path) -> Path:
+def write_report(study: StudyConfig, results: dict, classes: Sequence[str], directory: Path,
+                 complete: bool = True) -> Path:
+    """``report.md`` and its pictures; ``complete=False`` while stages are still to come."""
     directory.mkdir(parents=True, exist_ok=True)
     guide, evaluator = results["classifiers"]["guide"], results["classifiers"]["evaluator"]
     lines = [f"# {study.name}: SynFER's claims on real faces", "",
+             *([] if complete else ["**In progress**: this report is rewritten as each stage finishes; tables "
+                                    "without rows are still to come.", ""]),
              f"Real train `{study.real_train}`, real test `{study.real_test}`. "
              f"{study.generation.per_class} images per class and condition, the same seeds, prompts and AUs in "
              f"every condition; sampling {study.generation.sampling.steps} {study.generation.sampling.scheduler} steps, CFG "

@@ -135,6 +135,7 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     guide_model = results["classifiers"]["guide"]["model"]
     report = (tmp_path / "study" / "report" / "report.md").read_text()
     assert "n/a" not in report and "nan" not in report  # every cell has a figure
+    assert "In progress" not in report  # rewritten after every stage (partial), and complete at the end
     for title in ("(a) text only", "(b) text + AU", "(c) text + AU + SG", "(d) text + AU + SG + labeler",
                   "real only", "synthetic only 1x", "synthetic only 2x", "real + synthetic 1x", "all real",
                   "all real + synthetic", "guide", "evaluator", "generator", "labeler (FERAnno)"):
