@@ -266,3 +266,15 @@ def test_sg_sweep_steers_by_the_guide_it_is_given(tiny_bundle_path, second_voter
         sheets[name] = {p.name: p.read_bytes() for p in (tmp_path / name).glob("contact_*.png")}
     assert sheets["own"]["contact_none_0.png"] == sheets["other"]["contact_none_0.png"]
     assert sheets["own"]["contact_au_50.png"] != sheets["other"]["contact_au_50.png"]
+
+
+def test_the_default_rule_ignores_scales_past_a_targets_peak():
+    """Past its peak SG breaks faces, and broken faces are diverse again: such a point must not win."""
+    from synfer_ray.train.generator_report import best_within_diversity
+
+    def point(target, scale, agreement, diversity):
+        return {"sg_target": target, "sg_scale": scale, "agreement": {"overall": agreement}, "diversity": diversity}
+    points = [point("none", 0, 0.623, 0.2028), point("text", 8, 0.686, 0.1827), point("text", 64, 0.866, 0.129),
+              point("au", 8, 0.737, 0.171), point("au", 64, 0.863, 0.132), point("au", 128, 0.729, 0.1865)]
+    best = best_within_diversity(points)
+    assert (best["sg_target"], best["sg_scale"]) == ("text", 8)

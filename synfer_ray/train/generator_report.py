@@ -147,12 +147,19 @@ DIVERSITY_TOLERANCE = 0.10  # how much within-class diversity SG may cost agains
 
 def best_within_diversity(points: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The point of highest agreement whose diversity is within DIVERSITY_TOLERANCE of no SG's:
-    how the shipped default is chosen."""
+    how the shipped default is chosen. Only scales up to each target's peak agreement count: past
+    it the faces break, and broken faces are diverse again (faces-48's study sweep: au SG 128)."""
     plain = next((p for p in points if p["sg_scale"] == 0), None)
     if plain is None:
         return None
     floor = (1 - DIVERSITY_TOLERANCE) * plain["diversity"]
-    allowed = [p for p in points if p["diversity"] >= floor]
+    peaks = {}
+    for point in points:
+        best = peaks.get(point["sg_target"])
+        if best is None or point["agreement"]["overall"] > best["agreement"]["overall"]:
+            peaks[point["sg_target"]] = point
+    rising = [p for p in points if p["sg_scale"] <= peaks[p["sg_target"]]["sg_scale"]]
+    allowed = [p for p in rising if p["diversity"] >= floor]
     best = max(allowed, key=lambda p: p["agreement"]["overall"])
     return {"sg_target": best["sg_target"], "sg_scale": best["sg_scale"],
             "agreement": best["agreement"]["overall"], "diversity": best["diversity"], "diversity_floor": floor}
