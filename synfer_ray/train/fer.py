@@ -445,14 +445,18 @@ def evaluate_ensemble(model_paths: Sequence[str | Path], data_path: str, weights
     classes = tuple(models[0].classes)
     source = resolve_source(data_path, "data")
     check_labels(source, classes, "data")
-    table = pads.dataset(source.data_path, format="parquet").to_table(columns=["image", "label"])
+    batches = pads.dataset(source.data_path, format="parquet").to_batches(columns=["image", "label"],
+                                                                            batch_size=batch_size)
     matrix = np.zeros((len(classes),) * 2, np.int64)
     skipped = accepted = accepted_right = 0
-    for batch in table.to_batches(max_chunksize=batch_size):
+    for batch in batches:  # streamed: the test set is never held whole
         columns = {"image": batch.column("image").to_pylist(), "label": batch.column("label").to_pylist()}
-        votes, truth = [], None
+        votes, truth, by_size = [], None, {}
         for model in models:  # each at its own input size; a face one cannot decode is skipped by all
-            decoded = decode_faces(columns, classes, model.image_size, soft=False, synthetic=False)
+            if model.image_size not in by_size:
+                by_size[model.image_size] = decode_faces(columns, classes, model.image_size, soft=False,
+                                                         synthetic=False)
+            decoded = by_size[model.image_size]
             valid, truth = decoded["valid"], decoded["target"][decoded["valid"]].argmax(axis=1)
             votes.append(align_probabilities(predict_probabilities(model, decoded["pixels"][valid], batch_size),
                                              model.classes, classes, "model") if valid.any() else None)
