@@ -610,19 +610,25 @@ class StudyDownstreamConfig(_Strict):
     train: StudyStage  # the small classifier's TrainConfig (data and output are set by the study)
     seeds: list[int] = [0]
     # The paper's headline claim: the same model and schedule on every real training row, and on
-    # those plus this many accepted synthetic rows (accepted-count targets, equal per class); off
-    # when null. Real rows are those of real_train minus the validation split every model shares.
+    # those plus a synthetic set; off when both are null. Real rows are those of real_train minus the
+    # validation split every model shares. The set is either
+    # - headline_synthetic_rows: this many accepted rows, equally many per class (accepted-count
+    #   targets, top-up passes), within headline_max_rows rows made in all (a class the labelers
+    #   rarely accept would otherwise use the whole default of 20x the target); or
+    # - headline_rows: this many rows made, equally many asked of each class, and every row the
+    #   labelers accept (the paper's way: the classes the vote accepts more often weigh more).
     headline_synthetic_rows: int | None = Field(None, ge=7)
-    # The headline set's budget: rows made in all, accepted or not, before it stops short of a
-    # class's target (a class the labelers never accept would otherwise use the whole default of
-    # 20x the target). The report states what each class reached.
     headline_max_rows: int | None = Field(None, ge=7)
+    headline_rows: int | None = Field(None, ge=7)
 
     @model_validator(mode="after")
-    def _budget_needs_target(self) -> "StudyDownstreamConfig":
+    def _one_headline_set(self) -> "StudyDownstreamConfig":
         if self.headline_max_rows is not None and self.headline_synthetic_rows is None:
             raise ValueError("headline_max_rows is the budget of headline_synthetic_rows; set that too, "
                              "or drop headline_max_rows")
+        if self.headline_rows is not None and self.headline_synthetic_rows is not None:
+            raise ValueError("headline_rows (rows made, every accepted one kept) and headline_synthetic_rows "
+                             "(accepted rows per class) are two ways to size the headline set; set one")
         return self
 
 

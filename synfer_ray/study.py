@@ -214,6 +214,17 @@ def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str]
     return build_config(GenerateConfig, raw)
 
 
+def headline_generate_config(study: StudyConfig, bundles: dict[str, str], guide: str, num_classes: int,
+                             output: str, tracking: TrackingConfig) -> GenerateConfig:
+    """The headline set: ``headline_rows`` rows (equally many per class) or ``headline_synthetic_rows``
+    accepted rows (equally many per class, top-up passes within ``headline_max_rows``)."""
+    downstream = study.downstream
+    count = downstream.headline_rows and -(-downstream.headline_rows // num_classes) * num_classes
+    per_class = downstream.headline_synthetic_rows and -(-downstream.headline_synthetic_rows // num_classes)
+    return condition_config(study, downstream.condition, bundles, guide, count, study.generation.seed + 2, output,
+                            tracking, accepted_per_class=per_class, max_rows=downstream.headline_max_rows)
+
+
 def generation_stage(kind: str, config: GenerateConfig, cache: StageCache) -> dict:
     from synfer_ray.bundle import BundleManifest
     from synfer_ray.generate import run_generate
@@ -224,6 +235,7 @@ def generation_stage(kind: str, config: GenerateConfig, cache: StageCache) -> di
     def make(directory: Path) -> dict:
         card = run_generate(config.model_copy(update={"output": str(directory / "dataset")}), progress=False)
         return {"dataset": str(directory / "dataset"), "rows": card["rows"],
+                "accepted_by_label": card["counts"]["accepted_by_label"],
                 "accepted_targets": card.get("accepted_targets")}
     return cache.run(kind, payload, make)
 
@@ -454,12 +466,9 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
         progress()
         lineage = {synthetic["dataset"]: config_hash(synthetic_config.model_dump(mode="json", exclude={"output"}))}
         headline = None
-        if downstream.headline_synthetic_rows:
-            headline_config = condition_config(
-                study, downstream.condition, bundles, guide["model"], None, study.generation.seed + 2,
-                str(output / "pending"), tracking, accepted_per_class=-(-downstream.headline_synthetic_rows
-                                                                       // len(classes)),
-                max_rows=downstream.headline_max_rows)
+        if downstream.headline_synthetic_rows or downstream.headline_rows:
+            headline_config = headline_generate_config(study, bundles, guide["model"], len(classes),
+                                                       str(output / "pending"), tracking)
             headline = generation_stage(f"headline-{downstream.condition}", headline_config, cache)
             results["headline_synthetic"] = headline
             progress()
@@ -573,13 +582,21 @@ def headline_lines(results: dict) -> list[str]:
     lines = ["", "## The headline claim: all real rows, with and without synthetic rows", "",
              f"Test accuracy over {len(real)} seed(s): all real {_cell(real)}, all real + synthetic {_cell(mixed)}; "
              f"gap {100 * gap:+.1f} points against a spread (std) of {100 * spread:.1f}: {verdict}."]
-    targets = (results.get("headline_synthetic") or {}).get("accepted_targets")
+    made = results.get("headline_synthetic") or {}
+    targets = made.get("accepted_targets")
     if targets:
-        lines += ["", f"The synthetic set: {results['headline_synthetic']['rows']} rows made for "
+        lines += ["", f"The synthetic set: {made['rows']} rows made for "
                       f"{sum(targets['wanted'].values())} accepted ({targets['stopped']}; budget {targets['budget']} "
                       "rows). Accepted rows per class, by final label:", "",
                   "| " + " | ".join(targets["wanted"]) + " |", "|" + "---|" * len(targets["wanted"]),
                   "| " + " | ".join(f"{targets['accepted'][c]} of {n}" for c, n in targets["wanted"].items()) + " |"]
+    elif made.get("accepted_by_label"):
+        accepted = made["accepted_by_label"]
+        lines += ["", f"The synthetic set: {made['rows']} rows made, equally many asked of each class; the "
+                      f"labelers accepted {sum(accepted.values())} ({sum(accepted.values()) / made['rows']:.1%}), "
+                      "all of which the model adds. Accepted rows per class, by final label:", "",
+                  "| " + " | ".join(accepted) + " |", "|" + "---|" * len(accepted),
+                  "| " + " | ".join(str(n) for n in accepted.values()) + " |"]
     return lines
 
 

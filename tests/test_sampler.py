@@ -278,3 +278,9 @@ def test_the_default_rule_ignores_scales_past_a_targets_peak():
               point("au", 8, 0.737, 0.171), point("au", 64, 0.863, 0.132), point("au", 128, 0.729, 0.1865)]
     best = best_within_diversity(points)
     assert (best["sg_target"], best["sg_scale"]) == ("text", 8)
+    # The table reads its pick from the points: a sweep stored under the old rule (au 128) reads by this one.
+    from synfer_ray.train.generator_report import sweep_table
+    for p in points:
+        p.update(seconds=1.0)
+    stale = {"points": points, "best_within_diversity": {"sg_target": "au", "sg_scale": 128}}
+    assert sweep_table(stale, ["happy"]).rstrip().endswith("text SG 8, 68.6%.")

@@ -62,6 +62,31 @@ def test_a_headline_budget_needs_a_headline_target(tmp_path):
     assert build_config(StudyConfig, raw).downstream.headline_max_rows == 1000
 
 
+def test_the_headline_set_is_sized_by_rows_made_or_by_accepted_rows_per_class(tmp_path):
+    from synfer_ray.config import TrackingConfig
+    from synfer_ray.study import headline_generate_config, headline_lines
+    raw = {"output": str(tmp_path), "real_train": "real.parquet", "real_test": "test.parquet",
+           "guide": {"model": "g"}, "evaluator": {"model": "e"}, "generator": {"model": "b"},
+           "downstream": {"train": {"config": "x.yaml"}, "headline_rows": 100, "headline_synthetic_rows": 70}}
+    with pytest.raises(SynferError, match="two ways to size the headline set; set one"):
+        build_config(StudyConfig, raw)
+    bundles, tracking = {"generator": "b", "labeler": "b-labeler"}, TrackingConfig(enabled=False)
+    del raw["downstream"]["headline_synthetic_rows"]
+    made = headline_generate_config(build_config(StudyConfig, raw), bundles, "g", 7, "out", tracking)
+    # Rows made: rounded up to equally many per class, no accepted-count targets, labelled by the vote.
+    assert (made.count, made.accepted_per_class, made.max_rows, made.bundle) == (105, None, None, "b-labeler")
+    del raw["downstream"]["headline_rows"]
+    raw["downstream"].update(headline_synthetic_rows=70, headline_max_rows=700)
+    accepted = headline_generate_config(build_config(StudyConfig, raw), bundles, "g", 7, "out", tracking)
+    assert (accepted.count, accepted.accepted_per_class, accepted.max_rows) == (None, 10, 700)
+    # The report names what a rows-made set holds: every accepted row, per class by final label.
+    runs = {"all real": [{"test": {"accuracy": 0.5}}], "all real + synthetic": [{"test": {"accuracy": 0.52}}]}
+    lines = "\n".join(headline_lines({"downstream": runs, "headline_synthetic": {
+        "rows": 105, "accepted_targets": None, "accepted_by_label": {"happy": 30, "sad": 12}}}))
+    assert "105 rows made" in lines and "accepted 42 (40.0%)" in lines and "| 30 | 12 |" in lines
+    assert "gap +2.0 points" in lines
+
+
 def test_a_sweep_scale_must_be_positive(tmp_path):
     raw = {"output": str(tmp_path), "real_train": "real.parquet", "real_test": "test.parquet",
            "guide": {"model": "g"}, "evaluator": {"model": "e"}, "generator": {"model": "b"},

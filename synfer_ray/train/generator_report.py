@@ -174,7 +174,8 @@ def sweep_table(report: dict[str, Any], classes: Sequence[str]) -> str:
         lines.append(f"| {point['sg_target']} | {point['sg_scale']:g} | **{shares['overall']:.1%}** | "
                      + " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
                      + f" | {point['diversity']:.4f} | {point['seconds']:.0f} |")
-    best = report.get("best_within_diversity")
+    # From the points, not a stored pick: a sweep cached before the rule changed reads by today's rule.
+    best = best_within_diversity(report["points"])
     if best:
         lines += ["", f"Highest agreement with diversity within {DIVERSITY_TOLERANCE:.0%} of no SG (>= "
                       f"{best['diversity_floor']:.4f}): {best['sg_target']} SG {best['sg_scale']:g}, "
