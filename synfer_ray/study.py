@@ -457,22 +457,25 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
         results["sweep"] = sweep_stage(study, bundles["generator"], guide, evaluator_info, cache)
         progress()
         downstream = study.downstream
-        synthetic_count = max(downstream.multiples) * downstream.real_rows
-        synthetic_config = condition_config(study, downstream.condition, bundles, guide["model"],
-                                            -(-synthetic_count // len(classes)) * len(classes),
-                                            study.generation.seed + 1, str(output / "pending"), tracking)
-        synthetic = generation_stage(f"synthetic-{downstream.condition}", synthetic_config, cache)
+        headline = None
+        if downstream.headline_synthetic_rows or downstream.headline_rows:
+            synthetic_config = headline_generate_config(study, bundles, guide["model"], len(classes),
+                                                        str(output / "pending"), tracking)
+            headline = synthetic = generation_stage(f"headline-{downstream.condition}", synthetic_config, cache)
+            results["headline_synthetic"] = headline
+        else:
+            # Rows made: the synthetic-only sets hold fewer than a multiple where accepted rows are kept.
+            synthetic_count = max(downstream.multiples) * downstream.real_rows
+            synthetic_config = condition_config(study, downstream.condition, bundles, guide["model"],
+                                                -(-synthetic_count // len(classes)) * len(classes),
+                                                study.generation.seed + 1, str(output / "pending"), tracking)
+            synthetic = generation_stage(f"synthetic-{downstream.condition}", synthetic_config, cache)
+        # With a headline set the small comparisons draw from it too: it holds enough accepted rows
+        # for every multiple of the real subset (a set of 2N rows made holds 2N accepted ones only
+        # where the labelers accept everything).
         results["synthetic"] = synthetic
         progress()
         lineage = {synthetic["dataset"]: config_hash(synthetic_config.model_dump(mode="json", exclude={"output"}))}
-        headline = None
-        if downstream.headline_synthetic_rows or downstream.headline_rows:
-            headline_config = headline_generate_config(study, bundles, guide["model"], len(classes),
-                                                       str(output / "pending"), tracking)
-            headline = generation_stage(f"headline-{downstream.condition}", headline_config, cache)
-            results["headline_synthetic"] = headline
-            progress()
-            lineage[headline["dataset"]] = config_hash(headline_config.model_dump(mode="json", exclude={"output"}))
         for seed in downstream.seeds:
             for name, config in downstream_configs(study, synthetic["dataset"], seed,
                                                    headline["dataset"] if headline else None).items():
@@ -695,7 +698,9 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
     lines += ["", "## Downstream: a classifier trained on each set, tested on real faces (%)", "",
               f"Real subset N = {study.downstream.real_rows}; synthetic = condition "
               f"{CONDITION_TITLES[study.downstream.condition]} ({study.downstream.synthetic_rows} rows: "
-              f"{SYNTHETIC_ROWS[study.downstream.synthetic_rows]}); seeds {study.downstream.seeds}; "
+              f"{SYNTHETIC_ROWS[study.downstream.synthetic_rows]}), the first rows of "
+              f"{'the headline set' if results.get('headline_synthetic') else 'a set of rows made for the largest multiple'}"
+              f"; seeds {study.downstream.seeds}; "
               f"chance = {100 / len(classes):.1f}. Every model picks its best epoch on the same held-out real "
               f"validation rows of real train (never synthetic rows) and trains on none of them.", "",
               "| training data | real rows | synthetic rows | real validation rows | accuracy | UAR | macro-F1 |",
