@@ -176,6 +176,9 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     downstream = results["downstream"]
     assert downstream["synthetic only 1x"][0]["val_rows"] == downstream["real only"][0]["val_rows"] > 0
     assert results["headline_synthetic"]["rows"] >= 14
+    # The small comparisons draw from the headline set: no second synthetic set is made.
+    assert results["synthetic"]["dataset"] == results["headline_synthetic"]["dataset"]
+    assert not list((tmp_path / "study" / "stages").glob("synthetic-*"))
     guide, evaluator = results["classifiers"]["guide"], results["classifiers"]["evaluator"]
     assert guide["weights_sha256"] != evaluator["weights_sha256"] and guide["arch"] != evaluator["arch"]
     for condition in ("text", "text_au", "text_au_sg"):  # without the labeler the label is the target
