@@ -348,7 +348,7 @@ def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, c
                           study.generation.per_class, study.generation.seed, directory / "sweep",
                           sg_classifier=guide["model"])
         return {"directory": str(directory / "sweep"), "sg_classifier": guide["model"],
-                **{k: report[k] for k in ("points", "best_within_diversity")}}
+                "points": report["points"]}  # the pick is read from the points (sweep_table)
     return cache.run("sweep", payload, make)
 
 
@@ -591,16 +591,20 @@ def headline_lines(results: dict) -> list[str]:
         lines += ["", f"The synthetic set: {made['rows']} rows made for "
                       f"{sum(targets['wanted'].values())} accepted ({targets['stopped']}; budget {targets['budget']} "
                       "rows). Accepted rows per class, by final label:", "",
-                  "| " + " | ".join(targets["wanted"]) + " |", "|" + "---|" * len(targets["wanted"]),
-                  "| " + " | ".join(f"{targets['accepted'][c]} of {n}" for c, n in targets["wanted"].items()) + " |"]
+                  *_one_row_table({c: f"{targets['accepted'][c]} of {n}" for c, n in targets["wanted"].items()})]
     elif made.get("accepted_by_label"):
         accepted = made["accepted_by_label"]
         lines += ["", f"The synthetic set: {made['rows']} rows made, equally many asked of each class; the "
                       f"labelers accepted {sum(accepted.values())} ({sum(accepted.values()) / made['rows']:.1%}), "
                       "all of which the model adds. Accepted rows per class, by final label:", "",
-                  "| " + " | ".join(accepted) + " |", "|" + "---|" * len(accepted),
-                  "| " + " | ".join(str(n) for n in accepted.values()) + " |"]
+                  *_one_row_table(accepted)]
     return lines
+
+
+def _one_row_table(cells: dict) -> list[str]:
+    """A Markdown table of one row, a column per key."""
+    return ["| " + " | ".join(cells) + " |", "|" + "---|" * len(cells),
+            "| " + " | ".join(str(v) for v in cells.values()) + " |"]
 
 
 def vote_lines(votes: dict[str, dict], tau: float) -> list[str]:
