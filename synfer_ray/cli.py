@@ -158,6 +158,8 @@ def bundle_sg_sweep(
     steps: int = typer.Option(25, help="Sampling steps."),
     cfg_scale: float = typer.Option(3.0, help="Classifier-free guidance scale."),
     sg_window: float = typer.Option(0.4, help="Fraction of late steps with semantic guidance."),
+    step_rule: list[str] = typer.Option(["fixed"], help="SG step rules to sweep (repeatable): fixed, or adaptive "
+                                                        "(each sample's step times 1 - p(target))."),
     scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),
     seed: int = typer.Option(10_000, help="Seed of the first sample."),
     sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
@@ -171,8 +173,10 @@ def bundle_sg_sweep(
             SamplerSettings(sg_target=name)  # refused here, before any sampling, naming sg_target
         if any(value < 0 for value in scale):
             raise SynferError("--scale", scale, "SG scales >= 0")
+        if set(step_rule) - {"fixed", "adaptive"}:
+            raise SynferError("--step-rule", step_rule, "fixed and/or adaptive")
         report = sg_sweep(bundle, str(evaluator), base, target, scale, per_class, seed, out, log=typer.echo,
-                          sg_classifier=str(sg_classifier) if sg_classifier else None)
+                          sg_classifier=str(sg_classifier) if sg_classifier else None, step_rules=step_rule)
     except SynferError as error:
         _fail(error)
     typer.echo(f"report: {out / 'sweep.md'} ({len(report['points'])} points)")
@@ -263,6 +267,7 @@ def generate_one(
     sg_scale: float = typer.Option(0.0, help="Semantic-guidance step: percent of the steered norm (0 = off)."),
     sg_window: float = typer.Option(0.4, help="Fraction of late steps with semantic guidance."),
     sg_target: str = typer.Option(DEFAULT_SG_TARGET, help="What semantic guidance steers: text, au or both."),
+    sg_adaptive: bool = typer.Option(False, help="Scale each image's SG step by 1 - p(target)."),
     sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
     reference: Optional[Path] = typer.Option(None, help="Reference face for layout initialisation."),
     scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),
@@ -274,7 +279,8 @@ def generate_one(
     try:
         written = generate_pngs(bundle, expression, out, aus=_parse_aus(au), prompt=prompt, seed=seed, n=n,
                                 steps=steps, cfg_scale=cfg_scale, au_scale=au_scale, sg_scale=sg_scale,
-                                sg_window=sg_window, sg_target=sg_target, sg_classifier=sg_classifier,
+                                sg_window=sg_window, sg_target=sg_target, sg_adaptive=sg_adaptive,
+                                sg_classifier=sg_classifier,
                                 reference=reference,
                                 scheduler=scheduler, precision=precision, device=device)
     except SynferError as error:

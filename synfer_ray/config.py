@@ -67,6 +67,7 @@ class SamplingConfig(_Strict):
     sg_scale: float = Field(0.0, ge=0)  # percent of the steered conditioning's norm per guided step
     sg_window: float = Field(0.4, ge=0, le=1)
     sg_target: SgTarget = DEFAULT_SG_TARGET
+    sg_adaptive: bool = False  # each sample's step times 1 - p(target) (guidance.py)
     sg_classifier: str | None = None
 
 
@@ -591,6 +592,8 @@ class StudySweepConfig(_Strict):
 
     targets: list[SgTarget] = Field(["text", "au", "both"], min_length=1)
     scales: list[float] = Field([4, 8, 16, 32, 64, 128], min_length=1)  # percent of the steered norm
+    # fixed: every sample's step is the scale; adaptive: times 1 - p(target) (sampling.sg_adaptive).
+    step_rules: list[Literal["fixed", "adaptive"]] = Field(["fixed"], min_length=1)
 
     @field_validator("scales")
     @classmethod

@@ -36,7 +36,8 @@ def expression_requests(bundle: Bundle, expression: str, aus: Mapping[str, float
 def generate_pngs(bundle_path: Path, expression: str, out: Path, *, aus: Mapping[str, float] | None = None,
                   prompt: str | None = None, seed: int = 0, n: int = 4, steps: int = 25,
                   cfg_scale: float = 3.0, au_scale: float = 1.0, sg_scale: float = 0.0,
-                  sg_window: float = 0.4, sg_target: str = DEFAULT_SG_TARGET, sg_classifier: Path | None = None,
+                  sg_window: float = 0.4, sg_target: str = DEFAULT_SG_TARGET, sg_adaptive: bool = False,
+                  sg_classifier: Path | None = None,
                   reference: Path | None = None, scheduler: str = "ddim", precision: str = "auto",
                   device: str = "cpu") -> list[Path]:
     """Write ``n`` PNGs (seeds ``seed`` .. ``seed + n - 1``) and one ``<name>.json`` beside each."""
@@ -44,7 +45,8 @@ def generate_pngs(bundle_path: Path, expression: str, out: Path, *, aus: Mapping
 
     from synfer_ray.precision import resolve
     settings = SamplerSettings(steps=steps, cfg_scale=cfg_scale, au_scale=au_scale, sg_scale=sg_scale,
-                               sg_window=sg_window, scheduler=scheduler, sg_target=sg_target)
+                               sg_window=sg_window, scheduler=scheduler, sg_target=sg_target,
+                               sg_adaptive=sg_adaptive)
     if device not in ("cpu", "cuda"):
         raise SynferError("--device", device, "cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():

@@ -29,6 +29,7 @@ import numpy as np
 from synfer_ray.config import (GenerateConfig, GeneratorTrainConfig, StudyConfig, StudyStage, TrainConfig,
                                TrackingConfig, build_config, load_config)
 from synfer_ray.errors import SynferError
+from synfer_ray.train.generator_report import point_name
 
 CONDITION_TITLES = {"text": "(a) text only", "text_au": "(b) text + AU", "text_au_sg": "(c) text + AU + SG",
                     "text_au_sg_labeler": "(d) text + AU + SG + labeler"}
@@ -74,6 +75,13 @@ def _load_stage(model, stage: StudyStage, field: str, extra: Sequence[str] = ())
         return load_config(model, _preset_or_path(stage.config), [*stage.overrides, *extra])
     except SynferError as error:
         raise SynferError(f"{field}.{error.field}", error.value, error.accepted) from None
+
+
+def _drop_if(payload: dict, key: str, default: Any) -> None:
+    """Leave a setting added after stages were cached out of their key while it has its default, so
+    those stages (hours of work) stay valid; set, it joins the key."""
+    if payload.get(key) == default:
+        payload.pop(key)
 
 
 def _identity(config) -> dict:
@@ -205,7 +213,8 @@ def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str]
         "sampling": {"scheduler": sampling.scheduler, "steps": sampling.steps, "cfg_scale": sampling.cfg_scale,
                      "au_scale": 0.0 if condition == "text" else sampling.au_scale,
                      "sg_scale": sampling.sg_scale if "_sg" in condition else 0.0,
-                     "sg_window": sampling.sg_window, "sg_target": sampling.sg_target, "sg_classifier": guide},
+                     "sg_window": sampling.sg_window, "sg_target": sampling.sg_target,
+                     "sg_adaptive": sampling.sg_adaptive, "sg_classifier": guide},
         "labeling": ({"voters": [{"path": guide, "name": "guide"}], "bundle_labeler": True,
                       "tau": study.generation.tau} if labeled else {"voters": [], "bundle_labeler": False}),
         "generator": study.generation.generator.model_dump(), "labeler": study.generation.labeler.model_dump(),
@@ -231,6 +240,7 @@ def generation_stage(kind: str, config: GenerateConfig, cache: StageCache) -> di
     payload = {**config.model_dump(mode="json", exclude={"output", "tracking", "ray", "generator", "labeler"}),
                "bundle": BundleManifest.read(Path(config.bundle)).content_hash,
                "generator.batch_size": config.generator.batch_size}
+    _drop_if(payload["sampling"], "sg_adaptive", False)
 
     def make(directory: Path) -> dict:
         card = run_generate(config.model_copy(update={"output": str(directory / "dataset")}), progress=False)
@@ -328,6 +338,13 @@ def within_class_diversity(embeddings: np.ndarray, labels: np.ndarray) -> float:
                                 for name in dict.fromkeys(labels.tolist())})
 
 
+def pixel_vectors(images: np.ndarray) -> np.ndarray:
+    """(rows, H, W, 3) uint8 -> (rows, H*W) grey pixels less each image's mean: a class-blind
+    embedding, whose within-class diversity is that of identity, pose and light."""
+    grey = images.astype(np.float32).mean(axis=-1).reshape(len(images), -1)
+    return grey - grey.mean(axis=1, keepdims=True)
+
+
 def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, cache: StageCache) -> dict | None:
     """``synfer bundle sg-sweep`` inside the study: the study's sampling, seeds, guide and evaluator, at
     every SG target and scale of ``study.sweep`` plus no SG; a contact sheet per point."""
@@ -340,13 +357,16 @@ def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, c
     from synfer_ray.train.generator_report import sg_sweep
     base = SamplerSettings.from_config(study.generation.sampling)
     payload = {"bundle": BundleManifest.read(Path(bundle)).content_hash, "guide": guide["weights_sha256"],
-               "evaluator": evaluator["weights_sha256"], "settings": dataclasses.asdict(base), "sweep": study.sweep.model_dump(mode="json"),
-               "per_class": study.generation.per_class, "seed": study.generation.seed}
+               "evaluator": evaluator["weights_sha256"], "settings": dataclasses.asdict(base),
+               "sweep": study.sweep.model_dump(mode="json"), "per_class": study.generation.per_class,
+               "seed": study.generation.seed}
+    _drop_if(payload["settings"], "sg_adaptive", False)
+    _drop_if(payload["sweep"], "step_rules", ["fixed"])
 
     def make(directory: Path) -> dict:
         report = sg_sweep(Path(bundle), evaluator["model"], base, study.sweep.targets, study.sweep.scales,
                           study.generation.per_class, study.generation.seed, directory / "sweep",
-                          sg_classifier=guide["model"])
+                          sg_classifier=guide["model"], step_rules=study.sweep.step_rules)
         return {"directory": str(directory / "sweep"), "sg_classifier": guide["model"],
                 "points": report["points"]}  # the pick is read from the points (sweep_table)
     return cache.run("sweep", payload, make)
@@ -505,7 +525,7 @@ def flat_metrics(results: dict) -> dict[str, float]:
         for metric in ("accuracy", "acceptance", "accepted_accuracy"):
             metrics[f"vote.{name.replace(' + ', '_and_')}.{metric}"] = vote[metric]
     for point in (results.get("sweep") or {}).get("points", []):
-        key = f"sweep.{point['sg_target']}_{point['sg_scale']:g}"
+        key = f"sweep.{point_name(point)}"
         metrics[f"{key}.agreement"], metrics[f"{key}.diversity"] = point["agreement"]["overall"], point["diversity"]
     return {k: v for k, v in metrics.items() if np.isfinite(v)}
 
@@ -637,15 +657,17 @@ def sweep_lines(results: dict, classes: Sequence[str], directory: Path) -> list[
     from synfer_ray.train.generator_report import sweep_table
     sheets = []
     for point in sweep["points"]:
-        name = f"sweep_{point['sg_target']}_{point['sg_scale']:g}.png"
+        name = f"sweep_{point_name(point)}.png"
         source = Path(sweep["directory"]) / point["contact_sheet"]
         if source.is_file():
             shutil.copy(source, directory / name)
             sheets.append(f"`{name}`")
     return ["", "## SG sweep (the evaluator's agreement with the asked class, %)", "",
-            "The study's sampling and seeds at each SG target and scale (percent of the norm of what SG steers), "
-            "the same images per class at every point. Diversity: the mean within-class cosine distance of "
-            "the evaluator's embeddings (0 = all alike).", "",
+            "The study's sampling and seeds at each SG target, step rule and scale (percent of the norm of what "
+            "SG steers; adaptive: each face's step times 1 - p(target)), the same images per class at every "
+            "point. Diversity: the mean within-class cosine distance of the evaluator's embeddings (0 = all "
+            "alike), which the default rule reads; among agreed: the same over the faces the evaluator reads "
+            "as asked; pixels: the same over mean-centred grey pixels (class-blind: identity, pose, light).", "",
             sweep_table(sweep, classes).rstrip("\n"), "", "Contact sheets: " + ", ".join(sheets) + "."]
 
 
@@ -661,7 +683,8 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
              f"{study.generation.per_class} images per class and condition, the same seeds, prompts and AUs in "
              f"every condition; sampling {study.generation.sampling.steps} {study.generation.sampling.scheduler} steps, CFG "
              f"{study.generation.sampling.cfg_scale}, SG scale {study.generation.sampling.sg_scale} on "
-             f"{study.generation.sampling.sg_target}, window "
+             f"{study.generation.sampling.sg_target}"
+             f"{' (adaptive: times 1 - p(target))' if study.generation.sampling.sg_adaptive else ''}, window "
              f"{study.generation.sampling.sg_window}; labeler tau {study.generation.tau}.", "",
              "## The classifiers", "",
              "| role | model | architecture | seed | data part | test accuracy | UAR |", "|---|---|---|---|---|---|---|"]

@@ -113,6 +113,18 @@ def test_one_guidance_step_on_each_target_lowers_every_rows_loss(sampler, tiny_b
             assert torch.allclose(change, torch.full_like(change, 0.02), atol=1e-4)
         else:
             assert torch.equal(moved[name], value)
+    if sg_target != "au":
+        return
+    # Adaptive: each row moves by 2% times 1 - p(target), so a row the guide already reads as its
+    # class barely moves; every row's loss still falls.
+    adaptive, same = semantic_guidance_step(conditions, ("au",), eps_of, sampler.decode, classifier, latents,
+                                            alpha_bar, targets, step_size=2.0, adaptive=True)
+    assert torch.allclose(same, before)
+    change = (adaptive["au"] - conditions["au"]).flatten(1).norm(dim=1) / conditions["au"].flatten(1).norm(dim=1)
+    expected = 0.02 * (1 - torch.exp(-before))
+    print(f"adaptive: p(target) {torch.exp(-before).tolist()}, step {change.tolist()}")
+    assert torch.allclose(change, expected, atol=1e-4) and expected.std() > 0
+    assert torch.all(loss_of(adaptive) < before)
 
 
 def test_neutral_is_guided_apart_from_the_unconditional_input(sampler, tiny_bundle):
@@ -242,12 +254,36 @@ def test_sg_sweep_reports_every_target_and_scale_from_the_same_seeds(tiny_bundle
         ("none", 0.0), ("text", 5.0), ("text", 50.0), ("au", 5.0), ("au", 50.0), ("both", 5.0), ("both", 50.0)]
     for point in report["points"]:
         assert 0 <= point["agreement"]["overall"] <= 1 and point["diversity"] >= 0
+        assert 0 <= point["pixel_diversity"] <= 2 and (point["diversity_agreed"] >= 0
+                                                      or np.isnan(point["diversity_agreed"]))
         assert (tmp_path / point["contact_sheet"]).is_file()
     best = report["best_within_diversity"]
     assert best["diversity"] >= best["diversity_floor"]
     assert "Highest agreement with diversity within 10%" in (tmp_path / "sweep.md").read_text()
     bad = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "bad"), "--target", "pixels"])
     assert bad.exit_code != 0 and "sg_target" in bad.output and not (tmp_path / "bad").exists()
+    bad = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "bad"), "--step-rule", "greedy"])
+    assert bad.exit_code != 0 and "--step-rule" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_sg_sweep_compares_fixed_and_adaptive_steps_on_the_same_seeds(tiny_bundle_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from synfer_ray.cli import app
+    args = ["bundle", "sg-sweep", str(tiny_bundle_path), "--evaluator", str(tiny_bundle_path / "sg_classifier"),
+            "--out", str(tmp_path), "--per-class", "2", "--steps", "3", "--target", "au", "--scale", "50",
+            "--step-rule", "fixed", "--step-rule", "adaptive"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    import json
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(p["sg_target"], p["sg_adaptive"], p["sg_scale"]) for p in report["points"]] == [
+        ("none", False, 0.0), ("au", False, 50.0), ("au", True, 50.0)]
+    sheets = {p["contact_sheet"]: (tmp_path / p["contact_sheet"]).read_bytes() for p in report["points"]}
+    assert set(sheets) == {"contact_none_0.png", "contact_au_50.png", "contact_au_adaptive_50.png"}
+    # Smaller steps where the guide already reads the class: other images than fixed steps make.
+    assert sheets["contact_au_50.png"] != sheets["contact_au_adaptive_50.png"]
+    assert "| au adaptive | 50 |" in (tmp_path / "sweep.md").read_text()
 
 
 def test_sg_sweep_steers_by_the_guide_it_is_given(tiny_bundle_path, second_voter, tmp_path):
@@ -284,3 +320,9 @@ def test_the_default_rule_ignores_scales_past_a_targets_peak():
         p.update(seconds=1.0)
     stale = {"points": points, "best_within_diversity": {"sg_target": "au", "sg_scale": 128}}
     assert sweep_table(stale, ["happy"]).rstrip().endswith("text SG 8, 68.6%.")
+    # Each step rule is a curve of its own: adaptive AU still rises at 128, so its 128 counts while
+    # fixed AU's 128 (past that curve's peak) does not.
+    adaptive = [{**point("au", 64, 0.866, 0.1378), "sg_adaptive": True},
+                {**point("au", 128, 0.88, 0.19), "sg_adaptive": True}]
+    best = best_within_diversity(points + adaptive)
+    assert (best["sg_target"], best["sg_adaptive"], best["sg_scale"]) == ("au", True, 128)

@@ -11,7 +11,7 @@ import yaml
 
 from synfer_ray.config import StudyConfig, build_config
 from synfer_ray.errors import SynferError
-from synfer_ray.study import StageCache, check_independent, within_class_diversity
+from synfer_ray.study import StageCache, check_independent, pixel_vectors, within_class_diversity
 
 
 def test_diversity_is_zero_for_copies_and_grows_with_spread():
@@ -20,6 +20,13 @@ def test_diversity_is_zero_for_copies_and_grows_with_spread():
     assert within_class_diversity(same, labels) == pytest.approx(0.0, abs=1e-9)
     spread = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]] * 2, dtype=float)
     assert within_class_diversity(spread, labels) == pytest.approx(4 / 3)  # mean cosine distance of 4 axes
+    # In pixels, class-blind: the same face lighter or darker is no variety; a face and its negative are.
+    rng = np.random.default_rng(0)
+    face = rng.integers(60, 190, (8, 8, 1)).repeat(3, axis=2)
+    lighter = np.stack([face, face + 20, face - 30, face + 5]).astype(np.uint8)
+    assert within_class_diversity(pixel_vectors(lighter), labels[:4]) == pytest.approx(0.0, abs=1e-6)
+    negative = np.stack([face, 255 - face]).astype(np.uint8)
+    assert within_class_diversity(pixel_vectors(negative), labels[:2]) == pytest.approx(2.0)
 
 
 def test_the_evaluator_must_not_be_the_guide():

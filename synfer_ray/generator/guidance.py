@@ -9,6 +9,10 @@ own step. The step is ``lambda`` percent of the norm of what it steers, per samp
 embedding and 4 AU tokens have very different norms, and so do the encoders of different bundles, so
 an absolute length would mean something else on every one (METHOD.md's lambda is absolute; on the
 faces-48 text embedding, norm about 100, the two coincide).
+
+Adaptive steps (``adaptive``) scale each sample's step by ``1 - p``, p the guide's probability that the
+face it predicts already shows the asked class: a face that reads as its class keeps its variety and
+only those that do not are moved, so the diversity SG costs is spent where agreement is missing.
 """
 
 from __future__ import annotations
@@ -53,10 +57,15 @@ def _per_sample_norm(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.flatten(1).norm(dim=1).view(-1, *[1] * (tensor.dim() - 1))
 
 
-def relative_descent(embedding: torch.Tensor, gradient: torch.Tensor, step_size: float) -> torch.Tensor:
-    """One step against the gradient of length ``step_size`` percent of the embedding's norm, per
-    sample; in fp32, since a half-precision gradient's squared norm under- or overflows."""
+def relative_descent(embedding: torch.Tensor, gradient: torch.Tensor,
+                     step_size: float | torch.Tensor) -> torch.Tensor:
+    """One step against the gradient of length ``step_size`` percent of the embedding's norm (a number,
+    or one per sample), per sample; in fp32, since a half-precision gradient's squared norm under- or
+    overflows."""
     embedding, gradient = embedding.float(), gradient.float()
+    step_size = torch.as_tensor(step_size, dtype=torch.float32, device=embedding.device)
+    if step_size.dim():
+        step_size = step_size.view(-1, *[1] * (embedding.dim() - 1))
     length = step_size / 100 * _per_sample_norm(embedding)
     return embedding - length * gradient / _per_sample_norm(gradient).clamp_min(1e-12)
 
@@ -72,13 +81,15 @@ def semantic_guidance_step(
     targets: torch.Tensor,
     step_size: float,
     prediction: str = "epsilon",
+    adaptive: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Return (the conditions with the ``steered`` ones moved, per-sample loss before the update).
 
     ``conditions`` are the conditional inputs by name (``text``, ``au``), ``eps_of(**conditions)`` the
     (guided) model output for them at this step, ``latents`` the UNet's input x_t, ``prediction``
     what the output is (epsilon or v) and ``decode(x0)`` maps latents to RGB images in [0, 1], as
-    the classifier expects. Each steered condition takes its own relative step.
+    the classifier expects. Each steered condition takes its own relative step; ``adaptive`` scales
+    each sample's by ``1 - p(target)``.
     """
     with torch.enable_grad():
         inputs = {name: value.detach().requires_grad_(name in steered) for name, value in conditions.items()}
@@ -86,7 +97,9 @@ def semantic_guidance_step(
         loss = F.cross_entropy(classifier(decode(x0)).float(), targets, reduction="none")
         # Summing keeps each sample's gradient its own: rows in a batch never steer each other.
         gradients = torch.autograd.grad(loss.sum(), [inputs[name] for name in steered])
+    # p(target) = exp(-cross-entropy).
+    steps = step_size * -torch.expm1(-loss.detach()) if adaptive else step_size
     moved = dict(conditions)
     for name, gradient in zip(steered, gradients):
-        moved[name] = relative_descent(conditions[name], gradient, step_size).detach()
+        moved[name] = relative_descent(conditions[name], gradient, steps).detach()
     return moved, loss.detach()

@@ -45,6 +45,7 @@ def generate_rows(sampler: GuidedSampler, rows: Sequence[ManifestRow], settings:
         "sg_scale": pa.array([settings.sg_scale] * n, pa.float32()),
         "sg_window": pa.array([settings.sg_window] * n, pa.float32()),
         "sg_target": pa.array([settings.sg_target] * n, pa.string()),
+        "sg_adaptive": pa.array([settings.sg_adaptive] * n, pa.bool_()),
         "scheduler": pa.array([settings.scheduler] * n, pa.string()),
         "precision": pa.array([name_of(sampler.dtype)] * n, pa.string()),
         "bundle_hash": pa.array([bundle.content_hash] * n, pa.string()),

@@ -32,7 +32,8 @@ MAX_STEPS = 1000
 @dataclass(frozen=True)
 class SamplerSettings:
     """How to sample. ``cfg_scale`` 1 turns CFG off; ``sg_scale`` 0 turns semantic guidance off, else
-    each guided step moves ``sg_target`` by ``sg_scale`` percent of its norm (see guidance.py)."""
+    each guided step moves ``sg_target`` by ``sg_scale`` percent of its norm (see guidance.py), times
+    ``1 - p(target)`` per sample with ``sg_adaptive``."""
 
     steps: int = 25
     cfg_scale: float = 3.0
@@ -41,13 +42,14 @@ class SamplerSettings:
     sg_window: float = 0.4
     scheduler: str = "ddim"
     sg_target: str = DEFAULT_SG_TARGET
+    sg_adaptive: bool = False
 
     @classmethod
     def from_config(cls, sampling) -> "SamplerSettings":
         """From a :class:`synfer_ray.config.SamplingConfig` (generate, quality report, study)."""
         return cls(steps=sampling.steps, cfg_scale=sampling.cfg_scale, au_scale=sampling.au_scale,
                    sg_scale=sampling.sg_scale, sg_window=sampling.sg_window, scheduler=sampling.scheduler,
-                   sg_target=sampling.sg_target)
+                   sg_target=sampling.sg_target, sg_adaptive=sampling.sg_adaptive)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -226,7 +228,7 @@ class GuidedSampler:
                     {"text": text, "au": au_cond}, SG_TARGETS[settings.sg_target],
                     lambda text, au: guided(self._eps(model_input, t, text, au, settings.au_scale)),
                     self.decode, self.sg_classifier, model_input, alpha_bar_at(scheduler, i, t).to(self.device),
-                    targets, settings.sg_scale, self.prediction)
+                    targets, settings.sg_scale, self.prediction, adaptive=settings.sg_adaptive)
                 text, au_cond = moved["text"], moved["au"]
                 with torch.no_grad():
                     eps_cond = self._eps(model_input, t, text, au_cond, settings.au_scale)

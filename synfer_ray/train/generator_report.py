@@ -100,39 +100,52 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
 
 def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targets: Sequence[str],
              scales: Sequence[float], per_class: int, seed: int, out: Path, log=print,
-             sg_classifier: str | None = None) -> dict[str, Any]:
+             sg_classifier: str | None = None, step_rules: Sequence[str] = ("fixed",)) -> dict[str, Any]:
     """Evaluator agreement (overall and per class), within-class diversity and a contact sheet for
-    every (SG target, scale), all from the same seeds; scale 0 (no SG) once, shared by every target.
-    SG follows ``sg_classifier`` (default: the bundle's own guide).
+    every (SG target, step rule, scale), all from the same seeds; scale 0 (no SG) once, shared by
+    every curve. SG follows ``sg_classifier`` (default: the bundle's own guide); the step rule is
+    ``fixed`` (every sample's step the scale) or ``adaptive`` (times 1 - p(target), guidance.py).
 
-    Writes ``sweep.json``, ``sweep.md`` and ``contact_<target>_<scale>.png`` under ``out``. The
-    evaluator must not be the guide: it judges what the guide steered.
+    Writes ``sweep.json``, ``sweep.md`` and ``contact_<target>[_adaptive]_<scale>.png`` under ``out``.
+    The evaluator must not be the guide: it judges what the guide steered.
     """
     import dataclasses
     import time
 
     from synfer_ray.bundle import load_bundle
     from synfer_ray.classifiers import embed_images, load_classifier, predict_probabilities
-    from synfer_ray.study import within_class_diversity
+    from synfer_ray.study import pixel_vectors, within_class_diversity
     from synfer_ray.train.generator import agreement_by_class
     device = report_device()  # fp32 throughout: the sweep's figures compare across machines
     bundle = load_bundle(bundle_path, sg_classifier=sg_classifier).to(device)
     evaluator = load_classifier(evaluator_path, field="evaluator").to(device)
-    points = [("none", 0.0)] + [(target, float(scale)) for target in targets for scale in scales if scale > 0]
+    points = [("none", False, 0.0)] + [(target, rule == "adaptive", float(scale)) for target in targets
+                                        for rule in step_rules for scale in scales if scale > 0]
     results = []
     out.mkdir(parents=True, exist_ok=True)
-    for target, scale in points:
-        settings = dataclasses.replace(base, sg_scale=scale, sg_target=target if scale > 0 else base.sg_target)
+    for target, adaptive, scale in points:
+        settings = dataclasses.replace(base, sg_scale=scale, sg_target=target if scale > 0 else base.sg_target,
+                                       sg_adaptive=adaptive)
         start = time.perf_counter()
         images, asked = sample_per_class(bundle, settings, per_class, seed)
         seconds = time.perf_counter() - start
-        shares = agreement_by_class(predict_probabilities(evaluator, images), asked, evaluator.classes)
-        diversity = within_class_diversity(embed_images(evaluator, images), np.asarray(asked))
-        sheet = class_contact_sheet(images, asked, bundle.classes, out / f"contact_{target}_{scale:g}.png", per_class)
-        results.append({"sg_target": target, "sg_scale": scale, "agreement": shares, "diversity": diversity,
+        probabilities = predict_probabilities(evaluator, images)
+        shares = agreement_by_class(probabilities, asked, evaluator.classes)
+        asked_array = np.asarray(asked)
+        embeddings = embed_images(evaluator, images)
+        diversity = within_class_diversity(embeddings, asked_array)
+        # Two readings of what SG costs: among the faces the evaluator reads as asked (is the variety of
+        # a class's expression kept, or only misread faces removed?), and class-blind, in pixels.
+        agreed = np.asarray(evaluator.classes)[probabilities.argmax(axis=1)] == asked_array
+        point = {"sg_target": target, "sg_adaptive": adaptive, "sg_scale": scale}
+        sheet = class_contact_sheet(images, asked, bundle.classes, out / f"contact_{point_name(point)}.png",
+                                    per_class)
+        results.append({**point, "agreement": shares, "diversity": diversity,
+                        "diversity_agreed": within_class_diversity(embeddings[agreed], asked_array[agreed]),
+                        "pixel_diversity": within_class_diversity(pixel_vectors(images), asked_array),
                         "seconds": seconds, "contact_sheet": sheet.name})
-        log(f"{target:>5} SG {scale:>5g}: agreement {shares['overall']:.1%}, diversity {diversity:.4f}, "
-            f"{seconds:.0f} s")
+        log(f"{curve_name(point):>14} SG {scale:>5g}: agreement {shares['overall']:.1%}, "
+            f"diversity {diversity:.4f}, {seconds:.0f} s")
     report = {"bundle": str(bundle_path), "bundle_hash": bundle.content_hash, "evaluator": evaluator_path,
               "sg_classifier": sg_classifier or "the bundle's",
               "per_class": per_class, "seed": seed, "settings": dataclasses.asdict(base), "points": results,
@@ -145,6 +158,17 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
 DIVERSITY_TOLERANCE = 0.10  # how much within-class diversity SG may cost against no SG
 
 
+def curve_name(point: dict[str, Any]) -> str:
+    """A sweep curve: its SG target, and its step rule when adaptive (sweeps from before the rule
+    existed have fixed steps only)."""
+    return point["sg_target"] + (" adaptive" if point.get("sg_adaptive") else "")
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """A point's name in files: ``au_16``, ``au_adaptive_16``."""
+    return f"{curve_name(point).replace(' ', '_')}_{point['sg_scale']:g}"
+
+
 def best_within_diversity(points: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The point of highest agreement whose diversity is within DIVERSITY_TOLERANCE of no SG's:
     how the shipped default is chosen. Only scales up to each target's peak agreement count: past
@@ -155,29 +179,34 @@ def best_within_diversity(points: Sequence[dict[str, Any]]) -> dict[str, Any] | 
     floor = (1 - DIVERSITY_TOLERANCE) * plain["diversity"]
     peaks = {}
     for point in points:
-        best = peaks.get(point["sg_target"])
+        best = peaks.get(curve_name(point))
         if best is None or point["agreement"]["overall"] > best["agreement"]["overall"]:
-            peaks[point["sg_target"]] = point
-    rising = [p for p in points if p["sg_scale"] <= peaks[p["sg_target"]]["sg_scale"]]
+            peaks[curve_name(point)] = point
+    rising = [p for p in points if p["sg_scale"] <= peaks[curve_name(p)]["sg_scale"]]
     allowed = [p for p in rising if p["diversity"] >= floor]
     best = max(allowed, key=lambda p: p["agreement"]["overall"])
-    return {"sg_target": best["sg_target"], "sg_scale": best["sg_scale"],
-            "agreement": best["agreement"]["overall"], "diversity": best["diversity"], "diversity_floor": floor}
+    return {"sg_target": best["sg_target"], "sg_adaptive": bool(best.get("sg_adaptive")),
+            "sg_scale": best["sg_scale"], "agreement": best["agreement"]["overall"], "diversity": best["diversity"],
+            "diversity_floor": floor}
 
 
 def sweep_table(report: dict[str, Any], classes: Sequence[str]) -> str:
     """The sweep as a Markdown table: one line per (target, scale), agreement per class in percent."""
-    header = "| SG target | SG scale | agreement | " + " | ".join(classes) + " | diversity | seconds |"
-    lines = [header, "|" + "---|" * (len(classes) + 5)]
+    header = ("| SG target | SG scale | agreement | " + " | ".join(classes)
+              + " | diversity | among agreed | pixels | seconds |")
+    lines = [header, "|" + "---|" * (len(classes) + 7)]
     for point in report["points"]:
         shares = point["agreement"]
-        lines.append(f"| {point['sg_target']} | {point['sg_scale']:g} | **{shares['overall']:.1%}** | "
+        # Sweeps from before the two class-blind readings existed show n/a there.
+        extra = " | ".join(f"{point[key]:.4f}" if key in point else "n/a"
+                           for key in ("diversity_agreed", "pixel_diversity"))
+        lines.append(f"| {curve_name(point)} | {point['sg_scale']:g} | **{shares['overall']:.1%}** | "
                      + " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
-                     + f" | {point['diversity']:.4f} | {point['seconds']:.0f} |")
+                     + f" | {point['diversity']:.4f} | {extra} | {point['seconds']:.0f} |")
     # From the points, not a stored pick: a sweep cached before the rule changed reads by today's rule.
     best = best_within_diversity(report["points"])
     if best:
         lines += ["", f"Highest agreement with diversity within {DIVERSITY_TOLERANCE:.0%} of no SG (>= "
-                      f"{best['diversity_floor']:.4f}): {best['sg_target']} SG {best['sg_scale']:g}, "
+                      f"{best['diversity_floor']:.4f}): {curve_name(best)} SG {best['sg_scale']:g}, "
                       f"{best['agreement']:.1%}."]
     return "\n".join(lines) + "\n"
