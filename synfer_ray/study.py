@@ -84,6 +84,13 @@ def _drop_if(payload: dict, key: str, default: Any) -> None:
         payload.pop(key)
 
 
+def _generate_fields(config: GenerateConfig, exclude: set[str]) -> dict:
+    """A generate config's fields, less ``exclude``, as stage keys and lineage read them."""
+    fields = config.model_dump(mode="json", exclude=exclude)
+    _drop_if(fields["sampling"], "sg_adaptive", False)
+    return fields
+
+
 def _identity(config) -> dict:
     """A stage's config without where it writes and how it is tracked: what decides its result."""
     return config.model_dump(mode="json", exclude={"output", "tracking", "register_as", "name", "ray"})
@@ -237,10 +244,9 @@ def headline_generate_config(study: StudyConfig, bundles: dict[str, str], guide:
 def generation_stage(kind: str, config: GenerateConfig, cache: StageCache) -> dict:
     from synfer_ray.bundle import BundleManifest
     from synfer_ray.generate import run_generate
-    payload = {**config.model_dump(mode="json", exclude={"output", "tracking", "ray", "generator", "labeler"}),
+    payload = {**_generate_fields(config, exclude={"output", "tracking", "ray", "generator", "labeler"}),
                "bundle": BundleManifest.read(Path(config.bundle)).content_hash,
                "generator.batch_size": config.generator.batch_size}
-    _drop_if(payload["sampling"], "sg_adaptive", False)
 
     def make(directory: Path) -> dict:
         card = run_generate(config.model_copy(update={"output": str(directory / "dataset")}), progress=False)
@@ -495,7 +501,7 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
         # where the labelers accept everything).
         results["synthetic"] = synthetic
         progress()
-        lineage = {synthetic["dataset"]: config_hash(synthetic_config.model_dump(mode="json", exclude={"output"}))}
+        lineage = {synthetic["dataset"]: config_hash(_generate_fields(synthetic_config, exclude={"output"}))}
         for seed in downstream.seeds:
             for name, config in downstream_configs(study, synthetic["dataset"], seed,
                                                    headline["dataset"] if headline else None).items():
