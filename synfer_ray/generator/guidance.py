@@ -11,8 +11,9 @@ an absolute length would mean something else on every one (METHOD.md's lambda is
 faces-48 text embedding, norm about 100, the two coincide).
 
 Adaptive steps (``adaptive``) scale each sample's step by ``1 - p``, p the guide's probability that the
-face it predicts already shows the asked class: a face that reads as its class keeps its variety and
-only those that do not are moved, so the diversity SG costs is spent where agreement is missing.
+face it predicts already shows the asked class, so a face that reads as its class is barely moved. On
+faces-48 they trade agreement for diversity as fixed steps do, but do not break faces at large scales
+(docs/study.md, the SG sweep).
 """
 
 from __future__ import annotations
