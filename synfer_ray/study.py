@@ -8,7 +8,8 @@ and a changed setting reruns only what it touches):
 2. the generator bundle (given, or ``train-generator``), and optionally FERAnno (``train-labeler``);
 3. one generated set per condition (text / + AU / + SG / + SG + labeler), equal numbers per class,
    the same seeds, prompts and AUs across conditions, scored by the evaluator;
-4. optionally the SG sweep: the evaluator's agreement and diversity at each SG target and scale;
+4. optionally the SG sweep: the evaluator's agreement and diversity at each SG target, step rule
+   and scale;
 5. downstream: one small classifier trained on real only, synthetic only (multiples of the real
    size) and real + synthetic, per seed, tested on held-out real faces;
 6. ``report.md`` with the tables, contact sheets and confusion matrices; MLflow: one parent run,
