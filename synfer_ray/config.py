@@ -417,6 +417,7 @@ class ServeConfig(_Strict):
     precision: Precision = "auto"  # the replica's weights and activations, as in generate
     scheduler: Scheduler = "ddim"  # a request's default sampler
     sg_target: SgTarget = DEFAULT_SG_TARGET  # a request's default semantic-guidance target
+    sg_adaptive: bool = False  # a request's default step rule: fixed, or adaptive (times 1 - p(target))
     max_ongoing_requests: int = Field(32, ge=1)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()

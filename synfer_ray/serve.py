@@ -63,8 +63,9 @@ class GenerateRequest(BaseModel):
     sg_window: float = Field(0.4, ge=0, le=1, description="Fraction of late steps with semantic guidance.")
     sg_target: SgTarget | None = Field(
         None, description="What semantic guidance steers; default: the server's (ServeConfig.sg_target).")
-    sg_adaptive: bool = Field(False, description="Scale each image's semantic-guidance step by 1 - p(target), "
-                                                 "the guide's reading of the face so far.")
+    sg_adaptive: bool | None = Field(
+        None, description="Scale each image's semantic-guidance step by 1 - p(target), the guide's reading of "
+                          "the face so far; default: the server's (ServeConfig.sg_adaptive).")
     format: Literal["json", "png"] = Field("json", description="'png' returns image/png bytes (n must be 1).")
 
 
@@ -326,7 +327,8 @@ class SynferGenerator:
             settings = SamplerSettings(steps=steps, cfg_scale=request.cfg_scale, au_scale=request.au_scale,
                                        sg_scale=request.sg_scale, sg_window=request.sg_window,
                                        sg_target=request.sg_target or config.sg_target,
-                                       sg_adaptive=request.sg_adaptive,
+                                       sg_adaptive=config.sg_adaptive if request.sg_adaptive is None
+                                       else request.sg_adaptive,
                                        scheduler=request.scheduler or config.scheduler)
             target, rows = expression_requests(self.bundle, request.expression, request.aus, request.prompt,
                                                request.seed, request.n)

@@ -678,6 +678,15 @@ def sweep_lines(results: dict, classes: Sequence[str], directory: Path) -> list[
             sweep_table(sweep, classes).rstrip("\n"), "", "Contact sheets: " + ", ".join(sheets) + "."]
 
 
+def _under_output(study: StudyConfig, path: str) -> str:
+    """A stage's path as the report shows it: relative to the study's output, so that the report reads
+    the same wherever the study ran; paths outside it (a given model) are shown whole."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(study.output).resolve()))
+    except ValueError:
+        return path
+
+
 def write_report(study: StudyConfig, results: dict, classes: Sequence[str], directory: Path,
                  complete: bool = True) -> Path:
     """``report.md`` and its pictures; ``complete=False`` while stages are still to come."""
@@ -697,12 +706,12 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
              "| role | model | architecture | seed | data part | test accuracy | UAR |", "|---|---|---|---|---|---|---|"]
     for role, info in (("guide (SG, votes)", guide), ("evaluator (scores only)", evaluator)):
         test = info.get("test") or {}
-        lines.append(f"| {role} | `{info['model']}` | {info.get('arch') or info.get('model_type')} | "
+        lines.append(f"| {role} | `{_under_output(study, info['model'])}` | {info.get('arch') or info.get('model_type')} | "
                      f"{info.get('seed')} | {info.get('parts')} | {_cell([test.get('accuracy')])} | "
                      f"{_cell([test.get('uar')])} |")
     labeler_test = (results.get("labeler") or {}).get("test")
     if labeler_test:
-        lines.append(f"| labeler (votes with the guide) | `{results['labeler']['bundle']}` | feranno | | all | "
+        lines.append(f"| labeler (votes with the guide) | `{_under_output(study, results['labeler']['bundle'])}` | feranno | | all | "
                      f"{_cell([labeler_test.get('accuracy')])} | {_cell([labeler_test.get('uar')])} |")
     lines += recall_lines(results, classes)
     lines += vote_lines(results.get("votes") or {}, study.generation.tau)

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_bundle_path, second_voter):
-    """Three apps on one loopback port: open; secure (API key, two weighted voters); slow (a
-    request timeout far below what sampling takes)."""
+    """Three apps on one loopback port: open; secure (API key, two weighted voters, adaptive SG steps by
+    default); slow (a request timeout far below what sampling takes)."""
     from ray import serve
 
     from synfer_ray.serve import build_app
@@ -42,7 +42,7 @@ def server(ray_cluster, tiny_bundle_path, second_voter):
     voters = [{"path": str(tiny_bundle_path / "sg_classifier"), "name": "guide", "weight": 9.0},
               {"path": str(second_voter), "name": "b", "weight": 1.0}]
     serve.run(build_app(build_config(ServeConfig, {**common, "api_key_env": "SYNFER_TEST_API_KEY",
-                                                   "voters": voters})),
+                                                   "voters": voters, "sg_adaptive": True})),
               name="secure", route_prefix="/secure", blocking=False)
     serve.run(build_app(build_config(ServeConfig, {**common, "request_timeout_s": 0.1, "max_batch_size": 2,
                                                    "batch_wait_timeout_s": 0})),
@@ -181,6 +181,7 @@ def test_votes_are_weighted_as_in_generate(server, tiny_bundle_path, second_vote
                  headers={"x-api-key": "test-key"})
     assert reply.status_code == 200, reply.text
     body = reply.json()
+    assert body["settings"]["sg_adaptive"] is True  # the server's default step rule: the request names none
     images = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(i["png_base64"]))).convert("RGB"))
                        for i in body["images"]])
     voters = load_voters([VoterConfig(path=str(tiny_bundle_path / "sg_classifier"), weight=9.0),
@@ -289,7 +290,7 @@ def test_web_page_tunes_aus_and_compares_sg_in_headless_chromium(server, tmp_pat
     # URL parameters fill the form as a person would: expression (sliders jump to its prototype),
     # then one slider moved, a prompt, CFG, steps, seed; autorun presses the button.
     url = (f"{server}/?expression=surprise&AU12=0.8&prompt=a%20portrait&cfg_scale=2.5&steps=4&seed=21&n=2"
-           "&sg_scale=3&sg_target=both&autorun=1")
+           "&sg_scale=3&sg_target=both&sg_adaptive=1&autorun=1")
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
     assert "2 seeds x surprise, SG off / SG on (3)" in dom, dom[-3000:]
     # One slider per AU of the bundle, each showing the prototype except the one moved.
@@ -314,6 +315,7 @@ def test_web_page_tunes_aus_and_compares_sg_in_headless_chromium(server, tmp_pat
         assert record["aus"] == pytest.approx(expected) and record["request"]["aus"] == pytest.approx(expected)
         assert record["settings"]["cfg_scale"] == 2.5 and record["settings"]["steps"] == 4
         assert record["settings"]["sg_target"] == "both"  # the page's SG target select, not the server default (au)
+        assert record["settings"]["sg_adaptive"] is True  # the page's step rule, not the server default (fixed)
         assert record["label"] in record["probabilities"]
         assert sum(record["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     # The page's SG-on image is what the API returns for that request.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,6 +168,8 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     guide_model = results["classifiers"]["guide"]["model"]
     report = (tmp_path / "study" / "report" / "report.md").read_text()
     assert "n/a" not in report and "nan" not in report  # every cell has a figure
+    assert str(tmp_path / "study") not in report  # stage paths read relative to the study's output
+    assert f"| guide (SG, votes) | `{Path(guide_model).relative_to(tmp_path / 'study')}` |" in report
     assert "In progress" not in report  # rewritten after every stage (partial), and complete at the end
     for title in ("(a) text only", "(b) text + AU", "(c) text + AU + SG", "(d) text + AU + SG + labeler",
                   "real only", "synthetic only 1x", "synthetic only 2x", "real + synthetic 1x", "all real",
