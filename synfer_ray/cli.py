@@ -163,6 +163,8 @@ def bundle_sg_sweep(
     scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),
     seed: int = typer.Option(10_000, help="Seed of the first sample."),
     sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
+    real_faces: Optional[str] = typer.Option(None, help="Labelled real faces (Parquet): the same readings of "
+                                                        "as many real faces per class, a row to compare with."),
 ) -> None:
     """Evaluator agreement, diversity and a contact sheet for each SG target and scale."""
     from synfer_ray.generator.sampler import SamplerSettings
@@ -176,7 +178,8 @@ def bundle_sg_sweep(
         if set(step_rule) - {"fixed", "adaptive"}:
             raise SynferError("--step-rule", step_rule, "fixed and/or adaptive")
         report = sg_sweep(bundle, str(evaluator), base, target, scale, per_class, seed, out, log=typer.echo,
-                          sg_classifier=str(sg_classifier) if sg_classifier else None, step_rules=step_rule)
+                          sg_classifier=str(sg_classifier) if sg_classifier else None, step_rules=step_rule,
+                          real_faces=real_faces)
     except SynferError as error:
         _fail(error)
     typer.echo(f"report: {out / 'sweep.md'} ({len(report['points'])} points)")

@@ -376,7 +376,28 @@ def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, c
                           sg_classifier=guide["model"], step_rules=study.sweep.step_rules)
         return {"directory": str(directory / "sweep"), "sg_classifier": guide["model"],
                 "points": report["points"]}  # the pick is read from the points (sweep_table)
-    return cache.run("sweep", payload, make)
+    return {**cache.run("sweep", payload, make), "real_reference": real_reference_stage(study, bundle, evaluator,
+                                                                                        cache)}
+
+
+def real_reference_stage(study: StudyConfig, bundle: str, evaluator: dict, cache: StageCache) -> dict:
+    """The sweep's readings of real test faces (as many per class as the sweep makes), by the same
+    evaluator: the scale its agreement and diversity are read against. A stage of its own, so that a
+    sweep cached before it existed stays valid."""
+    from synfer_ray.bundle import BundleManifest
+    from synfer_ray.classifiers import load_classifier
+    from synfer_ray.train.generator_report import real_reference
+    manifest = BundleManifest.read(Path(bundle))
+    payload = {"real_test": study.real_test,
+               "evaluator": evaluator["weights_sha256"], "classes": list(manifest.classes),
+               "resolution": manifest.resolution, "per_class": study.generation.per_class,
+               "seed": study.generation.seed}
+
+    def make(directory: Path) -> dict:
+        model = load_classifier(evaluator["model"], field="evaluator")
+        return real_reference(model, study.real_test, manifest.classes, study.generation.per_class,
+                              study.generation.seed, manifest.resolution)
+    return cache.run("reference", payload, make)
 
 
 # --- downstream ------------------------------------------------------------------------------
@@ -674,7 +695,8 @@ def sweep_lines(results: dict, classes: Sequence[str], directory: Path) -> list[
             "SG steers; adaptive: each face's step times 1 - p(target)), the same images per class at every "
             "point. Diversity: the mean within-class cosine distance of the evaluator's embeddings (0 = all "
             "alike), which the default rule reads; among agreed: the same over the faces the evaluator reads "
-            "as asked; pixels: the same over mean-centred grey pixels (class-blind: identity, pose, light).", "",
+            "as asked; pixels: the same over mean-centred grey pixels (class-blind: identity, pose, light). "
+            "Real faces: the same readings of as many real test faces per class, a seeded draw.", "",
             sweep_table(sweep, classes).rstrip("\n"), "", "Contact sheets: " + ", ".join(sheets) + "."]
 
 

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -266,13 +268,14 @@ def test_sg_sweep_reports_every_target_and_scale_from_the_same_seeds(tiny_bundle
     assert bad.exit_code != 0 and "--step-rule" in bad.output and not (tmp_path / "bad").exists()
 
 
-def test_sg_sweep_compares_fixed_and_adaptive_steps_on_the_same_seeds(tiny_bundle_path, tmp_path):
+def test_sg_sweep_compares_fixed_and_adaptive_steps_on_the_same_seeds(tiny_bundle_path, separable_parquet,
+                                                                       tmp_path):
     from typer.testing import CliRunner
 
     from synfer_ray.cli import app
     args = ["bundle", "sg-sweep", str(tiny_bundle_path), "--evaluator", str(tiny_bundle_path / "sg_classifier"),
             "--out", str(tmp_path), "--per-class", "2", "--steps", "3", "--target", "au", "--scale", "50",
-            "--step-rule", "fixed", "--step-rule", "adaptive"]
+            "--step-rule", "fixed", "--step-rule", "adaptive", "--real-faces", str(separable_parquet["test"])]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     import json
@@ -284,6 +287,36 @@ def test_sg_sweep_compares_fixed_and_adaptive_steps_on_the_same_seeds(tiny_bundl
     # Smaller steps where the guide already reads the class: other images than fixed steps make.
     assert sheets["contact_au_50.png"] != sheets["contact_au_adaptive_50.png"]
     assert "| au adaptive | 50 |" in (tmp_path / "sweep.md").read_text()
+    # The real faces' row: the same readings of 2 real faces per class, by the same evaluator.
+    reference = report["real_reference"]
+    assert reference["rows"] == 14 and set(reference["agreement"]) == {*report["points"][0]["agreement"]}
+    assert 0 < reference["diversity"] < 2 and 0 < reference["pixel_diversity"] < 2
+    assert re.search(r"\| real faces \| \| \*\d+\.\d%\* \|", (tmp_path / "sweep.md").read_text())
+
+
+def test_real_faces_for_the_sweep_are_a_seeded_draw_by_row_id(separable_parquet, tmp_path):
+    """The sweep's real-faces row reads the same faces whatever the file order (ids come from the
+    image bytes), as many per class as asked or all a class has, FER-2013's 'angry' as anger."""
+    import pyarrow.parquet as pq
+
+    from synfer_ray import taxonomy
+    from synfer_ray.train.generator_report import sample_real_faces
+    classes = list(taxonomy.AFFECTNET_7)
+    images, labels = sample_real_faces(str(separable_parquet["test"]), classes, 3, seed=7, size=48)
+    assert images.shape == (21, 48, 48, 3) and labels == [name for name in classes for _ in range(3)]
+    table = pq.read_table(separable_parquet["test"])
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    order = np.random.default_rng(0).permutation(table.num_rows)
+    pq.write_table(table.take(order[:30]), shuffled / "b.parquet")
+    pq.write_table(table.take(order[30:]), shuffled / "a.parquet")
+    again, again_labels = sample_real_faces(str(shuffled), classes, 3, seed=7, size=48)
+    assert again_labels == labels
+    assert sorted(image.tobytes() for image in again) == sorted(image.tobytes() for image in images)
+    other, _ = sample_real_faces(str(separable_parquet["test"]), classes, 3, seed=8, size=48)
+    assert sorted(image.tobytes() for image in other) != sorted(image.tobytes() for image in images)
+    everything, counted = sample_real_faces(str(separable_parquet["test"]), classes, 100, seed=7, size=24)
+    assert everything.shape == (70, 24, 24, 3) and counted.count("anger") == 10
 
 
 def test_sg_sweep_steers_by_the_guide_it_is_given(tiny_bundle_path, second_voter, tmp_path):

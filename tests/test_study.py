@@ -199,6 +199,8 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
         ("none", 0), ("au", 4), ("text", 4)]
     assert results["sweep"]["sg_classifier"] == guide_model  # steered by the study's guide, not the bundle's
     assert "## SG sweep" in report and re.search(r"\| text \| 4 \| \*\*\d", report)
+    # Read against real test faces: as many per class as the sweep makes, by the same evaluator.
+    assert results["sweep"]["real_reference"]["rows"] == 14 and re.search(r"\| real faces \| \| \*\d", report)
     for name in ("contact_text.png", "contact_text_au_sg_labeler.png", "confusion_real_only.png",
                  "sweep_none_0.png", "sweep_au_4.png", "sweep_text_4.png"):
         assert (tmp_path / "study" / "report" / name).is_file()

@@ -100,11 +100,14 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
 
 def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targets: Sequence[str],
              scales: Sequence[float], per_class: int, seed: int, out: Path, log=print,
-             sg_classifier: str | None = None, step_rules: Sequence[str] = ("fixed",)) -> dict[str, Any]:
+             sg_classifier: str | None = None, step_rules: Sequence[str] = ("fixed",),
+             real_faces: str | None = None) -> dict[str, Any]:
     """Evaluator agreement (overall and per class), within-class diversity and a contact sheet for
     every (SG target, step rule, scale), all from the same seeds; scale 0 (no SG) once, shared by
     every curve. SG follows ``sg_classifier`` (default: the bundle's own guide); the step rule is
     ``fixed`` (every sample's step the scale) or ``adaptive`` (times 1 - p(target), guidance.py).
+    With ``real_faces`` (labelled Parquet), the same readings of ``per_class`` real faces per class
+    (:func:`real_reference`): what agreement and diversity are on real faces.
 
     Writes ``sweep.json``, ``sweep.md`` and ``contact_<target>[_adaptive]_<scale>.png`` under ``out``.
     The evaluator must not be the guide: it judges what the guide steered.
@@ -113,9 +116,7 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
     import time
 
     from synfer_ray.bundle import load_bundle
-    from synfer_ray.classifiers import embed_images, load_classifier, predict_probabilities
-    from synfer_ray.study import pixel_vectors, within_class_diversity
-    from synfer_ray.train.generator import agreement_by_class
+    from synfer_ray.classifiers import load_classifier
     device = report_device()  # fp32 throughout: the sweep's figures compare across machines
     bundle = load_bundle(bundle_path, sg_classifier=sg_classifier).to(device)
     evaluator = load_classifier(evaluator_path, field="evaluator").to(device)
@@ -129,30 +130,78 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
         start = time.perf_counter()
         images, asked = sample_per_class(bundle, settings, per_class, seed)
         seconds = time.perf_counter() - start
-        probabilities = predict_probabilities(evaluator, images)
-        shares = agreement_by_class(probabilities, asked, evaluator.classes)
-        asked_array = np.asarray(asked)
-        embeddings = embed_images(evaluator, images)
-        diversity = within_class_diversity(embeddings, asked_array)
-        # Two readings of what SG costs: among the faces the evaluator reads as asked (is the variety of
-        # a class's expression kept, or only misread faces removed?), and class-blind, in pixels.
-        agreed = np.asarray(evaluator.classes)[probabilities.argmax(axis=1)] == asked_array
+        readings = face_readings(evaluator, images, asked)
         point = {"sg_target": target, "sg_adaptive": adaptive, "sg_scale": scale}
         sheet = class_contact_sheet(images, asked, bundle.classes, out / f"contact_{point_name(point)}.png",
                                     per_class)
-        results.append({**point, "agreement": shares, "diversity": diversity,
-                        "diversity_agreed": within_class_diversity(embeddings[agreed], asked_array[agreed]),
-                        "pixel_diversity": within_class_diversity(pixel_vectors(images), asked_array),
-                        "seconds": seconds, "contact_sheet": sheet.name})
-        log(f"{curve_name(point):>14} SG {scale:>5g}: agreement {shares['overall']:.1%}, "
-            f"diversity {diversity:.4f}, {seconds:.0f} s")
+        results.append({**point, **readings, "seconds": seconds, "contact_sheet": sheet.name})
+        log(f"{curve_name(point):>14} SG {scale:>5g}: agreement {readings['agreement']['overall']:.1%}, "
+            f"diversity {readings['diversity']:.4f}, {seconds:.0f} s")
     report = {"bundle": str(bundle_path), "bundle_hash": bundle.content_hash, "evaluator": evaluator_path,
               "sg_classifier": sg_classifier or "the bundle's",
               "per_class": per_class, "seed": seed, "settings": dataclasses.asdict(base), "points": results,
               "best_within_diversity": best_within_diversity(results)}
+    if real_faces:
+        report["real_reference"] = real_reference(evaluator, real_faces, bundle.classes, per_class, seed,
+                                                  bundle.manifest.resolution)
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
     (out / "sweep.md").write_text(sweep_table(report, bundle.classes))
     return report
+
+
+def face_readings(evaluator, images: np.ndarray, asked: Sequence[str]) -> dict[str, Any]:
+    """What the sweep reads of a set of faces, each with the class asked of it: the evaluator's
+    agreement (overall and per class) and the within-class diversity of its embeddings, plus two
+    readings of what SG costs: among the faces the evaluator reads as asked (is the variety of a
+    class's expression kept, or only misread faces removed?), and class-blind, in pixels."""
+    from synfer_ray.classifiers import embed_images, predict_probabilities
+    from synfer_ray.study import pixel_vectors, within_class_diversity
+    from synfer_ray.train.generator import agreement_by_class
+    probabilities = predict_probabilities(evaluator, images)
+    asked_array = np.asarray(asked)
+    embeddings = embed_images(evaluator, images)
+    agreed = np.asarray(evaluator.classes)[probabilities.argmax(axis=1)] == asked_array
+    return {"agreement": agreement_by_class(probabilities, asked, evaluator.classes),
+            "diversity": within_class_diversity(embeddings, asked_array),
+            "diversity_agreed": within_class_diversity(embeddings[agreed], asked_array[agreed]),
+            "pixel_diversity": within_class_diversity(pixel_vectors(images), asked_array)}
+
+
+def sample_real_faces(data_path: str, classes: Sequence[str], per_class: int, seed: int, size: int,
+                      field: str = "real_faces") -> tuple[np.ndarray, list[str]]:
+    """(images uint8 (N, size, size, 3), labels): up to ``per_class`` labelled faces of each class, a
+    seeded draw by row id (the same faces whatever the file order), streamed: the driver holds the
+    draw, never the file."""
+    import heapq
+
+    import pyarrow.dataset as pads
+
+    from synfer_ray import taxonomy
+    from synfer_ray.data.faces import check_labels, decode_faces, key_uniform, resolve_source, row_keys
+    source = resolve_source(data_path, field)
+    check_labels(source, classes, field, accepted_only=False)
+    kept: dict[str, list[tuple[float, bytes]]] = {name: [] for name in classes}
+    for batch in pads.dataset(source.data_path, format="parquet").to_batches(columns=["image", "label"]):
+        images = batch.column("image").to_pylist()
+        draws = key_uniform(row_keys(images), salt=seed)
+        for draw, image, label in zip(draws, images, batch.column("label").to_pylist()):
+            name = str(label).strip().lower()
+            heap = kept[taxonomy.EXPRESSION_ALIASES.get(name, name)]
+            heapq.heappush(heap, (-float(draw), image))  # the per_class smallest draws stay
+            if len(heap) > per_class:
+                heapq.heappop(heap)
+    chosen = [(name, image) for name in classes for _, image in sorted(kept[name], reverse=True)]
+    decoded = decode_faces({"image": [image for _, image in chosen], "label": [name for name, _ in chosen]},
+                           classes, size, soft=False, synthetic=False)
+    valid = decoded["valid"]
+    return decoded["pixels"][valid], [name for (name, _), ok in zip(chosen, valid) if ok]
+
+
+def real_reference(evaluator, data_path: str, classes: Sequence[str], per_class: int, seed: int,
+                   size: int) -> dict[str, Any]:
+    """:func:`face_readings` of real faces (:func:`sample_real_faces`, at the generator's resolution)."""
+    images, labels = sample_real_faces(data_path, classes, per_class, seed, size)
+    return {"faces": data_path, "rows": len(labels), **face_readings(evaluator, images, labels)}
 
 
 DIVERSITY_TOLERANCE = 0.10  # how much within-class diversity SG may cost against no SG
@@ -203,6 +252,13 @@ def sweep_table(report: dict[str, Any], classes: Sequence[str]) -> str:
         lines.append(f"| {curve_name(point)} | {point['sg_scale']:g} | **{shares['overall']:.1%}** | "
                      + " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
                      + f" | {point['diversity']:.4f} | {extra} | {point['seconds']:.0f} |")
+    reference = report.get("real_reference")
+    if reference:
+        shares = reference["agreement"]
+        lines.append(f"| real faces | | *{shares['overall']:.1%}* | "
+                     + " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
+                     + f" | {reference['diversity']:.4f} | {reference['diversity_agreed']:.4f} | "
+                       f"{reference['pixel_diversity']:.4f} | |")
     # From the points, not a stored pick: a sweep cached before the rule changed reads by today's rule.
     best = best_within_diversity(report["points"])
     if best:
