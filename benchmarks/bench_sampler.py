@@ -56,7 +56,7 @@ def best_times(runs: dict, repeats: int) -> dict[str, float]:
 
 def agreement(sampler: GuidedSampler, evaluator, settings: SamplerSettings, per_class: int) -> tuple[float, np.ndarray]:
     from synfer_ray.classifiers import predict_probabilities
-    from synfer_ray.train.generator import agreement_by_class, sample_grid_requests
+    from synfer_ray.train.generator_report import agreement_by_class, sample_grid_requests
     requests = sample_grid_requests(sampler.bundle.classes, sampler.bundle.au_names, per_class, seed=10_000)
     images = np.concatenate([sampler.generate(requests[i:i + 28], settings) for i in range(0, len(requests), 28)])
     shares = agreement_by_class(predict_probabilities(evaluator, images), [r.target for r in requests],

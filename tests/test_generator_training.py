@@ -123,7 +123,7 @@ def trained_generator(ray_cluster, fer2013_dir, second_voter, tmp_path_factory):
 @pytest.mark.slow
 def test_few_step_generator_on_fer2013_makes_a_bundle_the_sampler_uses(trained_generator):
     from synfer_ray.generator.sampler import GuidedSampler, SamplerSettings
-    from synfer_ray.train.generator import sample_grid_requests
+    from synfer_ray.train.generator_report import sample_grid_requests
     output, printed = trained_generator
     assert "vae: step 6" in printed and "denoiser: step 6" in printed
     bundle = load_bundle(output / "bundle")  # the content hash verifies

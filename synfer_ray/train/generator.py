@@ -27,6 +27,7 @@ from synfer_ray.data.faces import FaceSource, check_labels, resolve_source, shuf
 from synfer_ray.errors import SynferError
 from synfer_ray.train.diffusion import (LORA_DIR, StageJob, check_precision, denoiser_loop, parts_scaling_factor,
                                        vae_loop)
+from synfer_ray.train.generator_report import originals_from, quality_report
 
 BUNDLE_DIR = "bundle"
 
@@ -369,7 +370,6 @@ def run_train_generator(config: GeneratorTrainConfig, overwrite: bool = False) -
                     "final": {stage: record["history"][-1] if record["history"] else None
                               for stage, record in ledger.done.items()}}
         bundle = write_bundle(components, output / BUNDLE_DIR, classes, resolution, config.sg_classifier, training)
-        from synfer_ray.train.generator_report import originals_from, quality_report
         originals = originals_from(faces.take_batch(16, batch_format="numpy"), classes, resolution)
         report = quality_report(output / BUNDLE_DIR, config.quality, output / "report", originals)
         run.log_metrics({k: v for k, v in report["metrics"].items()})
@@ -412,27 +412,3 @@ def write_bundle(components: Path, target: Path, classes: Sequence[str], resolut
     shutil.rmtree(target, ignore_errors=True)
     staged.rename(target)
     return manifest
-
-
-def sample_grid_requests(classes: Sequence[str], au_names: Sequence[str], per_class: int, seed: int,
-                         caption_style: str = "attributes"):
-    """``per_class`` requests per class with seeded prompts and prototype AUs (jittered)."""
-    from synfer_ray.generator.sampler import SampleRequest
-    requests = []
-    for index, name in enumerate(classes):
-        for k in range(per_class):
-            row_seed = seed + index * per_class + k
-            prompt = taxonomy.build_prompt(row_seed, name, style=caption_style)
-            requests.append(SampleRequest(seed=row_seed, prompt=prompt,
-                                          aus=taxonomy.sample_target_aus(row_seed, name, au_names).tolist(),
-                                          target=name))
-    return requests
-
-
-def agreement_by_class(probabilities: np.ndarray, targets: Sequence[str], classes: Sequence[str]) -> dict[str, float]:
-    """Share of samples whose argmax class is their target, per target class and overall."""
-    predicted = np.asarray(classes)[probabilities.argmax(axis=1)]
-    targets = np.asarray(targets)
-    shares = {name: float((predicted[targets == name] == name).mean()) for name in dict.fromkeys(targets)}
-    shares["overall"] = float((predicted == targets).mean())
-    return shares

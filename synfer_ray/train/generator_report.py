@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from PIL import Image
 
+from synfer_ray import taxonomy
 from synfer_ray.config import QualityConfig
 from synfer_ray.images import png_bytes
 from synfer_ray.reports import contact_sheet
@@ -18,10 +19,33 @@ if TYPE_CHECKING:
     from synfer_ray.generator.sampler import SamplerSettings
 
 
+def sample_grid_requests(classes: Sequence[str], au_names: Sequence[str], per_class: int, seed: int,
+                         caption_style: str = "attributes"):
+    """``per_class`` requests per class with seeded prompts and prototype AUs (jittered)."""
+    from synfer_ray.generator.sampler import SampleRequest
+    requests = []
+    for index, name in enumerate(classes):
+        for k in range(per_class):
+            row_seed = seed + index * per_class + k
+            prompt = taxonomy.build_prompt(row_seed, name, style=caption_style)
+            requests.append(SampleRequest(seed=row_seed, prompt=prompt,
+                                          aus=taxonomy.sample_target_aus(row_seed, name, au_names).tolist(),
+                                          target=name))
+    return requests
+
+
+def agreement_by_class(probabilities: np.ndarray, targets: Sequence[str], classes: Sequence[str]) -> dict[str, float]:
+    """Share of samples whose argmax class is their target, per target class and overall."""
+    predicted = np.asarray(classes)[probabilities.argmax(axis=1)]
+    targets = np.asarray(targets)
+    shares = {name: float((predicted[targets == name] == name).mean()) for name in dict.fromkeys(targets)}
+    shares["overall"] = float((predicted == targets).mean())
+    return shares
+
+
 def sample_per_class(bundle, settings, per_class: int, seed: int, batch_size: int = 32):
     """(images uint8 (N, H, W, 3), targets) with ``per_class`` seeded samples of every class."""
     from synfer_ray.generator.sampler import GuidedSampler
-    from synfer_ray.train.generator import sample_grid_requests
     requests = sample_grid_requests(bundle.classes, bundle.au_names, per_class, seed, bundle.manifest.caption_style)
     sampler = GuidedSampler(bundle)  # on the bundle's device and dtype
     images = [sampler.generate(requests[start:start + batch_size], settings)
@@ -75,7 +99,6 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
     from synfer_ray.classifiers import load_classifier, predict_probabilities
     from synfer_ray.generator.sampler import SamplerSettings
     from synfer_ray.precision import resolve
-    from synfer_ray.train.generator import agreement_by_class
     device = report_device()
     dtype = resolve(quality.precision, device, field="quality.precision")
     bundle = load_bundle(bundle_path, sg_classifier=quality.sampling.sg_classifier, dtype=dtype).to(device)
@@ -156,7 +179,6 @@ def face_readings(evaluator, images: np.ndarray, asked: Sequence[str]) -> dict[s
     class's expression kept, or only misread faces removed?), and class-blind, in pixels."""
     from synfer_ray.classifiers import embed_images, predict_probabilities
     from synfer_ray.study import pixel_vectors, within_class_diversity
-    from synfer_ray.train.generator import agreement_by_class
     probabilities = predict_probabilities(evaluator, images)
     asked_array = np.asarray(asked)
     embeddings = embed_images(evaluator, images)
@@ -176,7 +198,6 @@ def sample_real_faces(data_path: str, classes: Sequence[str], per_class: int, se
 
     import pyarrow.dataset as pads
 
-    from synfer_ray import taxonomy
     from synfer_ray.data.faces import check_labels, decode_faces, key_uniform, resolve_source, row_keys
     source = resolve_source(data_path, field)
     check_labels(source, classes, field, accepted_only=False)
