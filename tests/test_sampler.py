@@ -266,6 +266,9 @@ def test_sg_sweep_reports_every_target_and_scale_from_the_same_seeds(tiny_bundle
     assert bad.exit_code != 0 and "sg_target" in bad.output and not (tmp_path / "bad").exists()
     bad = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "bad"), "--step-rule", "greedy"])
     assert bad.exit_code != 0 and "--step-rule" in bad.output and not (tmp_path / "bad").exists()
+    bad = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "bad"), "--real-faces",
+                                   str(tmp_path / "no-such.parquet")])
+    assert bad.exit_code != 0 and "--real-faces" in bad.output and not (tmp_path / "bad").exists()
 
 
 def test_sg_sweep_compares_fixed_and_adaptive_steps_on_the_same_seeds(tiny_bundle_path, separable_parquet,

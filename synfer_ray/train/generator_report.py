@@ -145,6 +145,9 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
     evaluator = load_classifier(evaluator_path, field="evaluator").to(device)
     points = [("none", False, 0.0)] + [(target, rule == "adaptive", float(scale)) for target in targets
                                         for rule in step_rules for scale in scales if scale > 0]
+    # Read first: a wrong path or label fails in seconds, before minutes of sampling.
+    reference = real_reference(evaluator, real_faces, bundle.classes, per_class, seed, bundle.manifest.resolution,
+                               field="--real-faces") if real_faces else None
     results = []
     out.mkdir(parents=True, exist_ok=True)
     for target, adaptive, scale in points:
@@ -164,9 +167,8 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
               "sg_classifier": sg_classifier or "the bundle's",
               "per_class": per_class, "seed": seed, "settings": dataclasses.asdict(base), "points": results,
               "best_within_diversity": best_within_diversity(results)}
-    if real_faces:
-        report["real_reference"] = real_reference(evaluator, real_faces, bundle.classes, per_class, seed,
-                                                  bundle.manifest.resolution)
+    if reference:
+        report["real_reference"] = reference
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
     (out / "sweep.md").write_text(sweep_table(report, bundle.classes))
     return report
@@ -219,9 +221,9 @@ def sample_real_faces(data_path: str, classes: Sequence[str], per_class: int, se
 
 
 def real_reference(evaluator, data_path: str, classes: Sequence[str], per_class: int, seed: int,
-                   size: int) -> dict[str, Any]:
+                   size: int, field: str = "real_faces") -> dict[str, Any]:
     """:func:`face_readings` of real faces (:func:`sample_real_faces`, at the generator's resolution)."""
-    images, labels = sample_real_faces(data_path, classes, per_class, seed, size)
+    images, labels = sample_real_faces(data_path, classes, per_class, seed, size, field)
     return {"faces": data_path, "rows": len(labels), **face_readings(evaluator, images, labels)}
 
 
