@@ -396,7 +396,7 @@ def real_reference_stage(study: StudyConfig, bundle: str, evaluator: dict, cache
     def make(directory: Path) -> dict:
         model = load_classifier(evaluator["model"], field="evaluator")
         return real_reference(model, study.real_test, manifest.classes, study.generation.per_class,
-                              study.generation.seed, manifest.resolution)
+                              study.generation.seed, manifest.resolution, field="real_test")
     return cache.run("reference", payload, make)
 
 
