@@ -208,8 +208,7 @@ def sample_real_faces(data_path: str, classes: Sequence[str], per_class: int, se
         images = batch.column("image").to_pylist()
         draws = key_uniform(row_keys(images), salt=seed)
         for draw, image, label in zip(draws, images, batch.column("label").to_pylist()):
-            name = str(label).strip().lower()
-            heap = kept[taxonomy.EXPRESSION_ALIASES.get(name, name)]
+            heap = kept[taxonomy.canonical_expression(str(label), classes, field)]
             heapq.heappush(heap, (-float(draw), image))  # the per_class smallest draws stay
             if len(heap) > per_class:
                 heapq.heappop(heap)
@@ -262,6 +261,10 @@ def best_within_diversity(points: Sequence[dict[str, Any]]) -> dict[str, Any] | 
             "diversity_floor": floor}
 
 
+def _class_cells(shares: dict[str, float], classes: Sequence[str]) -> str:
+    return " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
+
+
 def sweep_table(report: dict[str, Any], classes: Sequence[str]) -> str:
     """The sweep as a Markdown table: one line per (target, scale), agreement per class in percent."""
     header = ("| SG target | SG scale | agreement | " + " | ".join(classes)
@@ -273,13 +276,12 @@ def sweep_table(report: dict[str, Any], classes: Sequence[str]) -> str:
         extra = " | ".join(f"{point[key]:.4f}" if key in point else "n/a"
                            for key in ("diversity_agreed", "pixel_diversity"))
         lines.append(f"| {curve_name(point)} | {point['sg_scale']:g} | **{shares['overall']:.1%}** | "
-                     + " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
+                     + _class_cells(shares, classes)
                      + f" | {point['diversity']:.4f} | {extra} | {point['seconds']:.0f} |")
     reference = report.get("real_reference")
     if reference:
         shares = reference["agreement"]
-        lines.append(f"| real faces | | *{shares['overall']:.1%}* | "
-                     + " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
+        lines.append(f"| real faces | | *{shares['overall']:.1%}* | " + _class_cells(shares, classes)
                      + f" | {reference['diversity']:.4f} | {reference['diversity_agreed']:.4f} | "
                        f"{reference['pixel_diversity']:.4f} | |")
     # From the points, not a stored pick: a sweep cached before the rule changed reads by today's rule.
