@@ -1,4 +1,5 @@
-"""Classifier evaluation on labelled faces: accuracy, UAR, macro-F1, per-class table, confusion matrix."""
+"""Evaluation of faces: a classifier on labelled faces (accuracy, UAR, macro-F1, per-class table, confusion
+matrix) and the within-class diversity of a set of faces in any embedding."""
 
 from __future__ import annotations
 
@@ -35,6 +36,27 @@ def metrics_from_confusion(matrix: np.ndarray, classes: Sequence[str]) -> dict:
         "confusion_matrix": matrix.tolist(),
         "classes": list(classes),
     }
+
+
+def diversity_from_sums(by_class: dict[str, tuple[int, np.ndarray]]) -> float:
+    """Mean pairwise cosine distance within each class, averaged over classes (0 = all alike), from each
+    class's count n and sum S of unit embeddings: sum of all cosine similarities = |S|^2."""
+    values = [float((n * n - np.dot(total, total)) / (n * (n - 1))) for n, total in by_class.values() if n >= 2]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def within_class_diversity(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """:func:`diversity_from_sums` over rows held in memory."""
+    unit = embeddings / np.clip(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12, None)
+    return diversity_from_sums({name: (int((labels == name).sum()), unit[labels == name].sum(axis=0))
+                                for name in dict.fromkeys(labels.tolist())})
+
+
+def pixel_vectors(images: np.ndarray) -> np.ndarray:
+    """(rows, H, W, 3) uint8 -> (rows, H*W) grey pixels less each image's mean: a class-blind
+    embedding, whose within-class diversity is that of identity, pose and light."""
+    grey = images.astype(np.float32).mean(axis=-1).reshape(len(images), -1)
+    return grey - grey.mean(axis=1, keepdims=True)
 
 
 def headline_figures(report: dict) -> dict:

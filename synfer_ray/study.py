@@ -30,6 +30,7 @@ import numpy as np
 from synfer_ray.config import (GenerateConfig, GeneratorTrainConfig, StudyConfig, StudyStage, TrainConfig,
                                TrackingConfig, build_config, load_config)
 from synfer_ray.errors import SynferError
+from synfer_ray.evaluate import diversity_from_sums, headline_figures
 from synfer_ray.train.generator_report import point_name
 
 CONDITION_TITLES = {"text": "(a) text only", "text_au": "(b) text + AU", "text_au_sg": "(c) text + AU + SG",
@@ -110,7 +111,6 @@ def _classifier_description(path: str) -> dict:
 def classifier_stage(stage: StudyStage, kind: str, cache: StageCache, tracking: TrackingConfig,
                      real_test: str) -> dict:
     """Train (or take) one classifier; its accuracy on the study's real test set is measured here."""
-    from synfer_ray.evaluate import headline_figures
     from synfer_ray.train.fer import evaluate_model, run_train
 
     def test_figures(model: str) -> dict:  # a class missed on real faces cannot be scored or voted for
@@ -190,7 +190,6 @@ def vote_figures(study: StudyConfig, guide: str, labeler_bundle: str | None) -> 
     alone and, with a labeler, the guide with it. The labeler's vote adds information when the pair
     labels more faces right, or accepts more at the same share right, than the guide alone."""
     from synfer_ray.config import LabelingConfig
-    from synfer_ray.evaluate import headline_figures
     from synfer_ray.labeler.feranno import LABELER_DIR
     from synfer_ray.train.fer import evaluate_ensemble
     tau = study.generation.tau
@@ -329,27 +328,6 @@ def score_dataset(dataset: str, evaluator_path: str, classes: Sequence[str]) -> 
         "evaluator_confidence": total["evaluator_confidence"] / rows,
         "diversity": diversity_from_sums({c: (v["rows"], v["unit_sum"]) for c, v in per_class.items()}),
     }
-
-
-def diversity_from_sums(by_class: dict[str, tuple[int, np.ndarray]]) -> float:
-    """Mean pairwise cosine distance within each class, averaged over classes (0 = all alike), from each
-    class's count n and sum S of unit embeddings: sum of all cosine similarities = |S|^2."""
-    values = [float((n * n - np.dot(total, total)) / (n * (n - 1))) for n, total in by_class.values() if n >= 2]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def within_class_diversity(embeddings: np.ndarray, labels: np.ndarray) -> float:
-    """:func:`diversity_from_sums` over rows held in memory."""
-    unit = embeddings / np.clip(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12, None)
-    return diversity_from_sums({name: (int((labels == name).sum()), unit[labels == name].sum(axis=0))
-                                for name in dict.fromkeys(labels.tolist())})
-
-
-def pixel_vectors(images: np.ndarray) -> np.ndarray:
-    """(rows, H, W, 3) uint8 -> (rows, H*W) grey pixels less each image's mean: a class-blind
-    embedding, whose within-class diversity is that of identity, pose and light."""
-    grey = images.astype(np.float32).mean(axis=-1).reshape(len(images), -1)
-    return grey - grey.mean(axis=1, keepdims=True)
 
 
 def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, cache: StageCache) -> dict | None:

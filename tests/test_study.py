@@ -12,7 +12,8 @@ import yaml
 
 from synfer_ray.config import StudyConfig, build_config
 from synfer_ray.errors import SynferError
-from synfer_ray.study import StageCache, check_independent, pixel_vectors, within_class_diversity
+from synfer_ray.evaluate import pixel_vectors, within_class_diversity
+from synfer_ray.study import StageCache, check_independent
 
 
 def test_diversity_is_zero_for_copies_and_grows_with_spread():

@@ -12,6 +12,7 @@ from PIL import Image
 
 from synfer_ray import taxonomy
 from synfer_ray.config import QualityConfig
+from synfer_ray.evaluate import pixel_vectors, within_class_diversity
 from synfer_ray.images import png_bytes
 from synfer_ray.reports import contact_sheet
 
@@ -180,7 +181,6 @@ def face_readings(evaluator, images: np.ndarray, asked: Sequence[str]) -> dict[s
     readings of what SG costs: among the faces the evaluator reads as asked (is the variety of a
     class's expression kept, or only misread faces removed?), and class-blind, in pixels."""
     from synfer_ray.classifiers import embed_images, predict_probabilities
-    from synfer_ray.study import pixel_vectors, within_class_diversity
     probabilities = predict_probabilities(evaluator, images)
     asked_array = np.asarray(asked)
     embeddings = embed_images(evaluator, images)
