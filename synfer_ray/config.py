@@ -10,7 +10,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Literal, Mapping, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,28 @@ from synfer_ray.errors import SynferError
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Generate settings added after records of a config were first kept (a dataset's identity, a study
+# stage's key), each with the value under which it behaves as it did before it existed. Compared
+# through without_added_settings, a record from before a setting was added still matches a config
+# that leaves it at that value, so hours of shards or stages stay valid across an upgrade.
+ADDED_GENERATE_SETTINGS: dict[str, Any] = {"sampling.sg_adaptive": False}
+
+
+def without_added_settings(record: dict, added: Mapping[str, Any]) -> dict:
+    """A copy of ``record`` (a dumped config) less each setting of ``added`` (dotted paths) that holds
+    its old-behaviour value; set otherwise, it stays and so tells the two records apart."""
+    import copy
+    trimmed = copy.deepcopy(record)
+    for path, old_behaviour in added.items():
+        *parents, key = path.split(".")
+        node: Any = trimmed
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] == old_behaviour:
+            del node[key]
+    return trimmed
 
 
 class PoolConfig(_Strict):

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from synfer_ray import taxonomy
 from synfer_ray.bundle import BundleManifest, content_hash
-from synfer_ray.config import GenerateConfig
+from synfer_ray.config import ADDED_GENERATE_SETTINGS, GenerateConfig, without_added_settings
 from synfer_ray.data.manifest import ManifestSpec
 from synfer_ray.data.card import EXAMPLES_PER_CLASS, card_figures, total_statistics
 from synfer_ray.data.passes import Pass, plan_top_up, shortfall
@@ -128,11 +128,12 @@ def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJo
                       settings=settings, sg_classifier=sampling.sg_classifier, labeling=config.labeling,
                       generator=config.generator, labeler=config.labeler, precision=config.precision)
     if store.exists(CONFIG_NAME):
-        existing = store.read_json(CONFIG_NAME).get("identity", {})
-        if existing != identity_now:
+        # A dataset begun before a setting existed resumes under a config that leaves it as it was.
+        existing = without_added_settings(store.read_json(CONFIG_NAME).get("identity", {}), ADDED_GENERATE_SETTINGS)
+        compared = without_added_settings(identity_now, ADDED_GENERATE_SETTINGS)
+        if existing != compared:
             if not overwrite:
-                differs = sorted(k for k in set(existing) | set(identity_now)
-                                 if existing.get(k) != identity_now.get(k))
+                differs = sorted(k for k in set(existing) | set(compared) if existing.get(k) != compared.get(k))
                 raise SynferError("output", config.output,
                                   f"an empty directory or one made by this same config; it was made with "
                                   f"different {', '.join(differs)}. Use another output, or pass --overwrite "

@@ -27,8 +27,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from synfer_ray.config import (GenerateConfig, GeneratorTrainConfig, StudyConfig, StudyStage, TrainConfig,
-                               TrackingConfig, build_config, load_config)
+from synfer_ray.config import (ADDED_GENERATE_SETTINGS, GenerateConfig, GeneratorTrainConfig, StudyConfig,
+                               StudyStage, TrainConfig, TrackingConfig, build_config, load_config,
+                               without_added_settings)
 from synfer_ray.errors import SynferError
 from synfer_ray.evaluate import diversity_from_sums, headline_figures
 from synfer_ray.train.generator_report import point_name
@@ -79,18 +80,9 @@ def _load_stage(model, stage: StudyStage, field: str, extra: Sequence[str] = ())
         raise SynferError(f"{field}.{error.field}", error.value, error.accepted) from None
 
 
-def _drop_if(payload: dict, key: str, default: Any) -> None:
-    """Leave a setting added after stages were cached out of their key while it has its default, so
-    those stages (hours of work) stay valid; set, it joins the key."""
-    if payload.get(key) == default:
-        payload.pop(key)
-
-
 def _generate_fields(config: GenerateConfig, exclude: set[str]) -> dict:
     """A generate config's fields, less ``exclude``, as stage keys and lineage read them."""
-    fields = config.model_dump(mode="json", exclude=exclude)
-    _drop_if(fields["sampling"], "sg_adaptive", False)
-    return fields
+    return without_added_settings(config.model_dump(mode="json", exclude=exclude), ADDED_GENERATE_SETTINGS)
 
 
 def _identity(config) -> dict:
@@ -345,8 +337,7 @@ def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, c
                "evaluator": evaluator["weights_sha256"], "settings": dataclasses.asdict(base),
                "sweep": study.sweep.model_dump(mode="json"), "per_class": study.generation.per_class,
                "seed": study.generation.seed}
-    _drop_if(payload["settings"], "sg_adaptive", False)
-    _drop_if(payload["sweep"], "step_rules", ["fixed"])
+    payload = without_added_settings(payload, {"settings.sg_adaptive": False, "sweep.step_rules": ["fixed"]})
 
     def make(directory: Path) -> dict:
         report = sg_sweep(Path(bundle), evaluator["model"], base, study.sweep.targets, study.sweep.scales,

@@ -192,6 +192,23 @@ def test_changed_config_is_refused_and_overwrite_replaces(first_run, tiny_bundle
     prepare(build_config(GenerateConfig, changed), overwrite=True)
 
 
+def test_dataset_begun_before_a_setting_existed_resumes_while_it_is_left_as_it_was(tiny_bundle_path, voters,
+                                                                                     tmp_path):
+    output = tmp_path / "older"
+    raw = raw_config(tiny_bundle_path, output, voters)
+    prepare(build_config(GenerateConfig, raw))
+    # What an older version kept: an identity whose sampling has no sg_adaptive.
+    record = json.loads((output / CONFIG_NAME).read_text())
+    del record["identity"]["sampling"]["sg_adaptive"]
+    (output / CONFIG_NAME).write_text(json.dumps(record))
+    job, _, passes = prepare(build_config(GenerateConfig, raw))
+    assert not job.settings.sg_adaptive and passes[0].count == COUNT
+    (output / CONFIG_NAME).write_text(json.dumps(record))
+    raw["sampling"]["sg_adaptive"] = True  # set, it changes the rows: the older dataset is not resumed
+    with pytest.raises(SynferError, match=r"output: .*different sampling"):
+        prepare(build_config(GenerateConfig, raw))
+
+
 @pytest.mark.parametrize("change, field", [
     (lambda c: c.update(count=-5), "count"),
     (lambda c: c.update(class_mix={"happy": 0.5, "grumpy": 0.5}), "class_mix"),
