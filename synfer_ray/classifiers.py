@@ -58,14 +58,19 @@ def _pixels(model: nn.Module, images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, images, batch_size: int = 256):
-    """(rows, H, W, 3) uint8 numpy images -> (rows, classes) softmax probabilities (numpy, fp32)."""
+def predict_probabilities(model: nn.Module, images, batch_size: int = 256, mirror_average: bool = False):
+    """(rows, H, W, 3) uint8 numpy images -> (rows, classes) softmax probabilities (numpy, fp32). With
+    ``mirror_average``, the mean of each face's and its mirror image's: an expression reads the same
+    mirrored, a model's errors often do not (FERAnno's diffusion features are not mirror-symmetric)."""
     import numpy as np
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        logits = model(_pixels(model, images[start:start + batch_size]))
-        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        pixels = _pixels(model, images[start:start + batch_size])
+        probabilities = torch.softmax(model(pixels).float(), dim=1)
+        if mirror_average:
+            probabilities = (probabilities + torch.softmax(model(pixels.flip(-1)).float(), dim=1)) / 2
+        out.append(probabilities.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

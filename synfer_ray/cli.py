@@ -485,12 +485,14 @@ def evaluate(
     data: str = typer.Argument(..., help="Labelled faces: Parquet file/directory or a synfer dataset."),
     out: Optional[Path] = typer.Option(None, help="Write eval_report.json/.txt and confusion_matrix.png here."),
     device: str = typer.Option("auto", help="auto (CUDA where available), cpu or cuda."),
+    mirror_average: bool = typer.Option(False, help="Read each face and its mirror image; report their mean "
+                                                    "(as labeling.mirror_average)."),
 ) -> None:
     """Accuracy, UAR, macro-F1, per-class table and confusion matrix of a model on labelled faces."""
     from synfer_ray.evaluate import format_report, write_report
     from synfer_ray.train.fer import evaluate_model
     try:
-        report = evaluate_model(model, data, device=device)
+        report = evaluate_model(model, data, device=device, mirror_average=mirror_average)
     except SynferError as error:
         _fail(error)
     typer.echo(format_report(report))

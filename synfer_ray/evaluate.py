@@ -96,7 +96,8 @@ def plot_confusion(report: dict, path: Path, title: str = "confusion matrix (row
 
 def format_report(report: dict) -> str:
     lines = [f"accuracy {report['accuracy']:.4f}  UAR {report['uar']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
-             f"(rows {report['rows']}, skipped {report.get('skipped', 0)})",
+             f"(rows {report['rows']}, skipped {report.get('skipped', 0)}"
+             f"{', each face averaged with its mirror image' if report.get('mirror_average') else ''})",
              f"{'class':10s} {'support':>8s} {'recall':>7s} {'precision':>9s} {'f1':>6s}"]
     for name, row in report["per_class"].items():
         lines.append(f"{name:10s} {row['support']:8d} {row['recall']:7.3f} {row['precision']:9.3f} {row['f1']:6.3f}")

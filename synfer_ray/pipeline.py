@@ -100,7 +100,8 @@ class LabelShard:
                              bundle_labeler_weight=labeling.bundle_labeler_weight,
                              dtype=resolve(job.precision, device))
         self.labeler = PseudoLabeler(voters, job.spec.classes, job.labeling.tau,
-                                     job.labeling.require_target_agreement, job.labeler.batch_size)
+                                     job.labeling.require_target_agreement, job.labeler.batch_size,
+                                     job.labeling.mirror_average)
         self.keep_rejected = job.labeling.keep_rejected
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

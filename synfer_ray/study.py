@@ -179,18 +179,19 @@ def labeler_stage(study: StudyConfig, bundle: str, cache: StageCache, tracking: 
 
 def vote_figures(study: StudyConfig, guide: str, labeler_bundle: str | None) -> dict[str, dict]:
     """The labelers' vote, as generate runs it (weighted mean, tau), on the real test faces: the guide
-    alone and, with a labeler, the guide with it. The labeler's vote adds information when the pair
-    labels more faces right, or accepts more at the same share right, than the guide alone."""
+    alone and, with a labeler, the guide with it; each also mirror-averaged (``labeling.mirror_average``).
+    The labeler's vote adds information when the pair labels more faces right, or accepts more at the
+    same share right, than the guide alone."""
     from synfer_ray.config import LabelingConfig
     from synfer_ray.labeler.feranno import LABELER_DIR
     from synfer_ray.train.fer import evaluate_ensemble
-    tau = study.generation.tau
-    votes = {"guide": headline_figures(evaluate_ensemble([guide], study.real_test, tau=tau))}
+    ensembles = {"guide": ([guide], None)}
     if labeler_bundle:
-        votes["guide + labeler"] = headline_figures(evaluate_ensemble(
-            [guide, str(Path(labeler_bundle) / LABELER_DIR)], study.real_test,
-            [1.0, LabelingConfig().bundle_labeler_weight], tau))
-    return votes
+        ensembles["guide + labeler"] = ([guide, str(Path(labeler_bundle) / LABELER_DIR)],
+                                        [1.0, LabelingConfig().bundle_labeler_weight])
+    return {name + (", mirror-averaged" if mirror else ""): headline_figures(evaluate_ensemble(
+                models, study.real_test, weights, study.generation.tau, mirror_average=mirror))
+            for mirror in (False, True) for name, (models, weights) in ensembles.items()}
 
 
 # --- generation ------------------------------------------------------------------------------

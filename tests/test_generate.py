@@ -197,9 +197,9 @@ def test_dataset_begun_before_a_setting_existed_resumes_while_it_is_left_as_it_w
     output = tmp_path / "older"
     raw = raw_config(tiny_bundle_path, output, voters)
     prepare(build_config(GenerateConfig, raw))
-    # What an older version kept: an identity whose sampling has no sg_adaptive.
+    # What an older version kept: an identity without sampling.sg_adaptive and labeling.mirror_average.
     record = json.loads((output / CONFIG_NAME).read_text())
-    del record["identity"]["sampling"]["sg_adaptive"]
+    del record["identity"]["sampling"]["sg_adaptive"], record["identity"]["labeling"]["mirror_average"]
     (output / CONFIG_NAME).write_text(json.dumps(record))
     job, _, passes = prepare(build_config(GenerateConfig, raw))
     assert not job.settings.sg_adaptive and passes[0].count == COUNT

@@ -181,6 +181,8 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     assert results["headline_synthetic"]["accepted_targets"]["budget"] == 70
     # The labelers' vote on real faces, the guide alone and with the labeler (tau 0 accepts every face).
     assert re.search(r"\| guide \+ labeler \| \d+\.\d \| \d+\.\d \| 100\.0 \| \d", report)
+    assert list(results["votes"]) == ["guide", "guide + labeler", "guide, mirror-averaged",
+                                      "guide + labeler, mirror-averaged"]
     for role in ("guide", "evaluator", "labeler"):
         assert re.search(rf"\| {role} \| \d", report.split("Recall per class")[1]), role
     # Synthetic-only models choose their checkpoint on real rows: the same count as the real-only model's.

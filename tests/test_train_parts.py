@@ -222,3 +222,28 @@ def test_the_vote_on_labelled_faces_is_the_mean_of_its_models_probabilities(tiny
         assert half["accepted_accuracy"] == pytest.approx((mean.argmax(axis=1) == truth)[confident].mean())
     none = evaluate_ensemble(models, test, tau=1.0)
     assert none["acceptance"] == 0.0 and math.isnan(none["accepted_accuracy"])
+    # labeling.mirror_average: each model reads a face and its mirror image; the vote is the mean of all.
+    mirrored = np.mean([predict_probabilities(load_classifier(m), pixels) for m in models
+                        for pixels in (decoded["pixels"], decoded["pixels"][:, :, ::-1].copy())], axis=0)
+    averaged = evaluate_ensemble(models, test, tau=0.0, mirror_average=True)
+    assert averaged["confusion_matrix"] == confusion_matrix(truth, mirrored.argmax(axis=1),
+                                                            len(taxonomy.AFFECTNET_7)).tolist()
+    assert averaged["mirror_average"] and not every["mirror_average"]
+
+
+def test_mirror_averaged_probabilities_are_the_mean_over_a_face_and_its_mirror(tiny_bundle_path):
+    from synfer_ray.classifiers import load_classifier, predict_probabilities
+    from synfer_ray.labeler.ensemble import PseudoLabeler, load_voters
+    from synfer_ray.config import VoterConfig
+    model = load_classifier(tiny_bundle_path / "sg_classifier")
+    faces = np.random.default_rng(0).integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
+    plain, flipped = predict_probabilities(model, faces), predict_probabilities(model, faces[:, :, ::-1].copy())
+    assert not np.allclose(plain, flipped, atol=1e-4)  # the model reads these faces' mirrors otherwise
+    averaged = predict_probabilities(model, faces, batch_size=2, mirror_average=True)
+    np.testing.assert_allclose(averaged, (plain + flipped) / 2, atol=1e-6)
+    symmetric = np.concatenate([faces[:, :, :24], faces[:, :, :24][:, :, ::-1]], axis=2)
+    np.testing.assert_allclose(predict_probabilities(model, symmetric, mirror_average=True),
+                               predict_probabilities(model, symmetric), atol=1e-6)
+    voters = load_voters([VoterConfig(path=str(tiny_bundle_path / "sg_classifier"))])
+    votes = PseudoLabeler(voters, model.classes, mirror_average=True).probabilities(faces)
+    np.testing.assert_allclose(votes[0], (plain + flipped) / 2, atol=1e-6)

@@ -45,8 +45,9 @@ def load_voters(voters: Sequence[VoterConfig], device: str | torch.device = "cpu
 
 class PseudoLabeler:
     def __init__(self, voters: Sequence[Voter], classes: Sequence[str], tau: float = 0.5,
-                 require_target_agreement: bool = False, batch_size: int = 64):
+                 require_target_agreement: bool = False, batch_size: int = 64, mirror_average: bool = False):
         self.voters = list(voters)
+        self.mirror_average = mirror_average
         self.classes = list(classes)
         self.tau = tau
         self.require_target_agreement = require_target_agreement
@@ -54,7 +55,8 @@ class PseudoLabeler:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(voters, rows, dataset classes) probabilities for (rows, H, W, 3) uint8 images."""
-        return np.stack([align_probabilities(predict_probabilities(voter.model, images, self.batch_size),
+        return np.stack([align_probabilities(predict_probabilities(voter.model, images, self.batch_size,
+                                                                   self.mirror_average),
                                              voter.classes, self.classes, voter.name)
                          for voter in self.voters])
 

@@ -415,19 +415,23 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         return summary
 
 
-def evaluate_model(model_path: str | Path, data_path: str, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+def evaluate_model(model_path: str | Path, data_path: str, batch_size: int = 256, device: str = "auto",
+                   mirror_average: bool = False) -> dict[str, Any]:
     """Evaluate a saved classifier on labelled faces (in this process, on ``device``: auto is CUDA where
     torch sees it; fp32, so figures compare across machines; skipped images counted)."""
-    return {**evaluate_ensemble([model_path], data_path, batch_size=batch_size, device=device),
+    return {**evaluate_ensemble([model_path], data_path, batch_size=batch_size, device=device,
+                                mirror_average=mirror_average),
             "model": str(model_path)}
 
 
 def evaluate_ensemble(model_paths: Sequence[str | Path], data_path: str, weights: Sequence[float] | None = None,
-                      tau: float = 0.5, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+                      tau: float = 0.5, batch_size: int = 256, device: str = "auto",
+                      mirror_average: bool = False) -> dict[str, Any]:
     """Evaluate classifiers voting as a generate run's labelers do (the weighted mean of their
-    probabilities, :func:`synfer_ray.labeler.rectify.rectify`) on labelled faces: the usual report
-    of the vote's label, plus which share of rows the vote accepts at ``tau`` and how many of those
-    it labels right. With one model, that model's own report."""
+    probabilities, :func:`synfer_ray.labeler.rectify.rectify`; ``mirror_average`` as
+    ``labeling.mirror_average``) on labelled faces: the usual report of the vote's label, plus which
+    share of rows the vote accepts at ``tau`` and how many of those it labels right. With one model,
+    that model's own report."""
     import pyarrow.dataset as pads
     import torch
 
@@ -458,7 +462,8 @@ def evaluate_ensemble(model_paths: Sequence[str | Path], data_path: str, weights
                                                          synthetic=False)
             decoded = by_size[model.image_size]
             valid, truth = decoded["valid"], decoded["target"][decoded["valid"]].argmax(axis=1)
-            votes.append(align_probabilities(predict_probabilities(model, decoded["pixels"][valid], batch_size),
+            votes.append(align_probabilities(predict_probabilities(model, decoded["pixels"][valid], batch_size,
+                                                                   mirror_average),
                                              model.classes, classes, "model") if valid.any() else None)
         skipped += int((~valid).sum())
         if valid.any():
@@ -468,6 +473,7 @@ def evaluate_ensemble(model_paths: Sequence[str | Path], data_path: str, weights
             accepted_right += int((vote.label_index == truth)[vote.accepted].sum())
     report = metrics_from_confusion(matrix, classes)
     report.update(skipped=skipped, data=data_path, models=[str(path) for path in model_paths],
+                  mirror_average=mirror_average,
                   tau=tau, acceptance=accepted / max(int(matrix.sum()), 1),
                   accepted_accuracy=accepted_right / accepted if accepted else float("nan"))
     return report
