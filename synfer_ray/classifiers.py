@@ -37,13 +37,17 @@ class FERClassifier(nn.Module):
         id2label = self.model.config.id2label
         return [id2label[i] for i in range(len(id2label))]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB (or grey) [0, 1] images at any size -> the backbone's input: its size, normalised."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False, antialias=True)
-        return self.model(pixel_values=(images - self.mean) / self.std).logits
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=self.pixel_values(images)).logits
 
     def save_pretrained(self, path: str | Path) -> None:
         self.model.config.synfer_image_size = self.image_size
@@ -84,11 +88,7 @@ def embed_images(model: nn.Module, images, batch_size: int = 256):
     for start in range(0, len(images), batch_size):
         pixels = _pixels(model, images[start:start + batch_size])
         if isinstance(model, FERClassifier):
-            if pixels.shape[-1] != model.image_size:
-                pixels = F.interpolate(pixels, size=(model.image_size,) * 2, mode="bilinear", align_corners=False,
-                                       antialias=True)
-            hidden = model.model(pixel_values=(pixels - model.mean) / model.std,
-                                 output_hidden_states=True).hidden_states[-1]
+            hidden = model.model(pixel_values=model.pixel_values(pixels), output_hidden_states=True).hidden_states[-1]
             features = hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden.mean(dim=1)
         else:
             features = model(pixels)
