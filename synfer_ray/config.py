@@ -6,6 +6,7 @@ any cluster work starts.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -32,7 +33,6 @@ ADDED_GENERATE_SETTINGS: dict[str, Any] = {"sampling.sg_adaptive": False, "label
 def without_added_settings(record: dict, added: Mapping[str, Any]) -> dict:
     """A copy of ``record`` (a dumped config) less each setting of ``added`` (dotted paths) that holds
     its old-behaviour value; set otherwise, it stays and so tells the two records apart."""
-    import copy
     trimmed = copy.deepcopy(record)
     for path, old_behaviour in added.items():
         *parents, key = path.split(".")
