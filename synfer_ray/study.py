@@ -521,7 +521,7 @@ def flat_metrics(results: dict) -> dict[str, float]:
             metrics[f"downstream.{key}.{metric}"] = float(np.mean([r["test"][metric] for r in runs]))
     for name, vote in (results.get("votes") or {}).items():
         for metric in ("accuracy", "acceptance", "accepted_accuracy"):
-            metrics[f"vote.{name.replace(' + ', '_and_')}.{metric}"] = vote[metric]
+            metrics[f"vote.{name.replace(' + ', '_and_').replace(', ', '_')}.{metric}"] = vote[metric]
     for point in (results.get("sweep") or {}).get("points", []):
         key = f"sweep.{point_name(point)}"
         metrics[f"{key}.agreement"], metrics[f"{key}.diversity"] = point["agreement"]["overall"], point["diversity"]

@@ -215,6 +215,7 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) >= 3 + 5 + 4  # guide, evaluator, labeler; 5 generations; 4 downstream runs
     assert "fer_accuracy" in json.dumps(parent.data.metrics)
+    assert "vote.guide_and_labeler_mirror-averaged.accuracy" in parent.data.metrics
     # A second run takes every stage from the cache.
     again = run_study(study)
     assert all(d["cached"] for runs_ in again["downstream"].values() for d in runs_) and again["sweep"]["cached"]
