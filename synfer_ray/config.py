@@ -425,6 +425,7 @@ class AutoscalingConfig(_Strict):
 class ServeConfig(_Strict):
     bundle: str
     voters: list[VoterConfig] = []  # the labeler's ensemble; the bundle's guide when empty
+    mirror_average: bool = False  # each voter also reads the mirror image (labeling.mirror_average)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"

@@ -227,7 +227,7 @@ class SynferGenerator:
                              dtype=dtype)
         if not voters and self.bundle.sg_classifier is not None:
             voters = [Voter("sg_classifier", self.bundle.sg_classifier, self.bundle.sg_classifier.classes)]
-        self.labeler = PseudoLabeler(voters, self.bundle.classes)
+        self.labeler = PseudoLabeler(voters, self.bundle.classes, mirror_average=self.config.mirror_average)
         self._sample.set_max_batch_size(self.config.max_batch_size)
         self._sample.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         # Rows of live requests waiting for the sampler; rows handed to it; rows dropped because

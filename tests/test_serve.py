@@ -42,7 +42,8 @@ def server(ray_cluster, tiny_bundle_path, second_voter):
     voters = [{"path": str(tiny_bundle_path / "sg_classifier"), "name": "guide", "weight": 9.0},
               {"path": str(second_voter), "name": "b", "weight": 1.0}]
     serve.run(build_app(build_config(ServeConfig, {**common, "api_key_env": "SYNFER_TEST_API_KEY",
-                                                   "voters": voters, "sg_adaptive": True})),
+                                                   "voters": voters, "sg_adaptive": True,
+                                                   "mirror_average": True})),
               name="secure", route_prefix="/secure", blocking=False)
     serve.run(build_app(build_config(ServeConfig, {**common, "request_timeout_s": 0.1, "max_batch_size": 2,
                                                    "batch_wait_timeout_s": 0})),
@@ -187,11 +188,13 @@ def test_votes_are_weighted_as_in_generate(server, tiny_bundle_path, second_vote
     voters = load_voters([VoterConfig(path=str(tiny_bundle_path / "sg_classifier"), weight=9.0),
                           VoterConfig(path=str(second_voter), weight=1.0)])
     classes = list(body["images"][0]["probabilities"])
-    votes = PseudoLabeler(voters, classes).probabilities(images)
+    votes = PseudoLabeler(voters, classes, mirror_average=True).probabilities(images)  # the app's setting
     weighted = rectify(votes, [9.0, 1.0]).soft_label
     served = np.array([[image["probabilities"][c] for c in classes] for image in body["images"]])
     assert np.abs(served - weighted).max() < 1e-4
     assert np.abs(served - votes.mean(axis=0)).max() > 1e-3  # the plain mean would be another answer
+    unmirrored = rectify(PseudoLabeler(voters, classes).probabilities(images), [9.0, 1.0]).soft_label
+    assert np.abs(served - unmirrored).max() > 1e-4  # and so would the vote without mirror images
     assert [image["label"] for image in body["images"]] == [classes[i] for i in weighted.argmax(axis=1)]
 
 
