@@ -606,6 +606,7 @@ class StudyGenerationConfig(_Strict):
     # SG 8 on the AU tokens: the sg-sweep's pick on faces-48 (docs/sg_sweep/faces48_v2.md).
     sampling: SamplingConfig = SamplingConfig(steps=25, cfg_scale=3.0, au_scale=1.0, sg_scale=8.0)
     tau: float = Field(0.5, ge=0, le=1)
+    mirror_average: bool = False  # the labeled conditions' labeling.mirror_average
     conditions: list[Literal["text", "text_au", "text_au_sg", "text_au_sg_labeler"]] = [
         "text", "text_au", "text_au_sg", "text_au_sg_labeler"]
     rows_per_shard: int = Field(256, ge=1)

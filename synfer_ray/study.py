@@ -216,7 +216,8 @@ def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str]
                      "sg_window": sampling.sg_window, "sg_target": sampling.sg_target,
                      "sg_adaptive": sampling.sg_adaptive, "sg_classifier": guide},
         "labeling": ({"voters": [{"path": guide, "name": "guide"}], "bundle_labeler": True,
-                      "tau": study.generation.tau} if labeled else {"voters": [], "bundle_labeler": False}),
+                      "tau": study.generation.tau, "mirror_average": study.generation.mirror_average}
+                     if labeled else {"voters": [], "bundle_labeler": False}),
         "generator": study.generation.generator.model_dump(), "labeler": study.generation.labeler.model_dump(),
         "ray": study.ray.model_dump(), "tracking": tracking.model_dump(),
     }

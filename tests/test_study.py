@@ -219,3 +219,22 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     # A second run takes every stage from the cache.
     again = run_study(study)
     assert all(d["cached"] for runs_ in again["downstream"].values() for d in runs_) and again["sweep"]["cached"]
+
+
+def test_mirror_averaged_labeling_reaches_the_labeled_conditions_and_only_then_their_stage_keys(tmp_path):
+    from synfer_ray.config import TrackingConfig
+    from synfer_ray.study import _generate_fields, config_hash, condition_config
+    raw = {"output": str(tmp_path), "real_train": "real.parquet", "real_test": "test.parquet",
+           "guide": {"model": "g"}, "evaluator": {"model": "e"}, "generator": {"model": "b"},
+           "labeler": {"model": "l"}, "downstream": {"real_rows": 100, "train": {"model": "t"}}}
+
+    def generate(condition: str, mirror: bool):
+        raw["generation"] = {"mirror_average": mirror}
+        return condition_config(build_config(StudyConfig, raw), condition, {"generator": "b", "labeler": "l"},
+                                "g", 70, 0, "out", TrackingConfig(enabled=False))
+    off, on = generate("text_au_sg_labeler", False), generate("text_au_sg_labeler", True)
+    assert on.labeling.mirror_average and not off.labeling.mirror_average
+    assert not generate("text_au_sg", True).labeling.mirror_average  # no voters there: nothing to mirror
+    # Off, the key is the one stages cached before the setting existed; on, the stage is a new one.
+    assert "mirror_average" not in _generate_fields(off, {"output"})["labeling"]
+    assert config_hash(_generate_fields(on, {"output"})) != config_hash(_generate_fields(off, {"output"}))
