@@ -27,7 +27,8 @@ class _Strict(BaseModel):
 # stage's key), each with the value under which it behaves as it did before it existed. Compared
 # through without_added_settings, a record from before a setting was added still matches a config
 # that leaves it at that value, so hours of shards or stages stay valid across an upgrade.
-ADDED_GENERATE_SETTINGS: dict[str, Any] = {"sampling.sg_adaptive": False, "labeling.mirror_average": False}
+ADDED_GENERATE_SETTINGS: dict[str, Any] = {"sampling.sg_adaptive": False, "labeling.mirror_average": False,
+                                           "sampling.sg_class_scales": {}}
 
 
 def without_added_settings(record: dict, added: Mapping[str, Any]) -> dict:
@@ -90,7 +91,20 @@ class SamplingConfig(_Strict):
     sg_window: float = Field(0.4, ge=0, le=1)
     sg_target: SgTarget = DEFAULT_SG_TARGET
     sg_adaptive: bool = False  # each sample's step times 1 - p(target) (guidance.py)
+    # The SG scale of the named classes (the others take sg_scale): a class the generator draws
+    # least legibly can be steered harder without pulling every other class's faces together.
+    # The study's fear: {fear: 32} (docs/study.md).
+    sg_class_scales: dict[str, float] = {}
     sg_classifier: str | None = None
+
+    @field_validator("sg_class_scales")
+    @classmethod
+    def _class_scales_are_steps(cls, scales):
+        for name, scale in scales.items():
+            if not math.isfinite(scale) or scale < 0:
+                raise ValueError(f"the scale of {name!r} must be a finite number >= 0 (percent of the steered "
+                                 f"norm), got {scale}")
+        return scales
 
 
 class VoterConfig(_Strict):

@@ -104,13 +104,16 @@ def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJo
     weights = taxonomy.class_mix_weights(manifest.classes, config.class_mix)
     wanted = accepted_targets(config, manifest.classes)
     sampling = config.sampling
-    settings = SamplerSettings.from_config(sampling)
+    # Class names as the bundle spells them (aliases forgiven), refused here if it has no such class.
+    class_scales = {taxonomy.canonical_expression(name, manifest.classes, field=f"sampling.sg_class_scales.{name}"):
+                    scale for name, scale in sampling.sg_class_scales.items()}
+    settings = dataclasses.replace(SamplerSettings.from_config(sampling), sg_class_scales=class_scales)
     for pool in (config.generator, config.labeler):  # fp16 on a CPU pool is refused now, not in an actor
         if pool.num_gpus == 0:
             resolve(config.precision, "cpu", field="precision")
     if sampling.sg_classifier:
         _check_classifier_dir(sampling.sg_classifier, "sampling.sg_classifier")
-    elif sampling.sg_scale > 0 and not (bundle_path / "sg_classifier").is_dir():
+    elif settings.guided and not (bundle_path / "sg_classifier").is_dir():
         raise SynferError("sampling.sg_scale", sampling.sg_scale,
                           "0, or a guiding classifier: sampling.sg_classifier or the bundle's sg_classifier/")
     for index, voter in enumerate(config.labeling.voters):

@@ -214,7 +214,8 @@ def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str]
                      "au_scale": 0.0 if condition == "text" else sampling.au_scale,
                      "sg_scale": sampling.sg_scale if "_sg" in condition else 0.0,
                      "sg_window": sampling.sg_window, "sg_target": sampling.sg_target,
-                     "sg_adaptive": sampling.sg_adaptive, "sg_classifier": guide},
+                     "sg_adaptive": sampling.sg_adaptive, "sg_classifier": guide,
+                     "sg_class_scales": sampling.sg_class_scales if "_sg" in condition else {}},
         "labeling": ({"voters": [{"path": guide, "name": "guide"}], "bundle_labeler": True,
                       "tau": study.generation.tau, "mirror_average": study.generation.mirror_average}
                      if labeled else {"voters": [], "bundle_labeler": False}),
@@ -324,22 +325,37 @@ def score_dataset(dataset: str, evaluator_path: str, classes: Sequence[str]) -> 
     }
 
 
+def sweep_settings(study: StudyConfig):
+    """The sweep's base sampler settings: the study's, with one scale for every class at each point
+    (the sweep is what per-class scales are read from)."""
+    import dataclasses
+
+    from synfer_ray.generator.sampler import SamplerSettings
+    return dataclasses.replace(SamplerSettings.from_config(study.generation.sampling), sg_class_scales=())
+
+
+def sweep_key(study: StudyConfig, bundle_hash: str, guide_sha256: str, evaluator_sha256: str) -> dict:
+    """What decides the sweep's result; settings added since sweeps were first cached are left out
+    at their old-behaviour values, so those sweeps stay valid."""
+    import dataclasses
+    payload = {"bundle": bundle_hash, "guide": guide_sha256, "evaluator": evaluator_sha256,
+               "settings": dataclasses.asdict(sweep_settings(study)),
+               "sweep": study.sweep.model_dump(mode="json"), "per_class": study.generation.per_class,
+               "seed": study.generation.seed}
+    return without_added_settings(payload, {"settings.sg_adaptive": False, "settings.sg_class_scales": (),
+                                            "sweep.step_rules": ["fixed"]})
+
+
 def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, cache: StageCache) -> dict | None:
     """``synfer bundle sg-sweep`` inside the study: the study's sampling, seeds, guide and evaluator, at
     every SG target and scale of ``study.sweep`` plus no SG; a contact sheet per point."""
     if study.sweep is None:
         return None
-    import dataclasses
-
     from synfer_ray.bundle import BundleManifest
-    from synfer_ray.generator.sampler import SamplerSettings
     from synfer_ray.train.generator_report import sg_sweep
-    base = SamplerSettings.from_config(study.generation.sampling)
-    payload = {"bundle": BundleManifest.read(Path(bundle)).content_hash, "guide": guide["weights_sha256"],
-               "evaluator": evaluator["weights_sha256"], "settings": dataclasses.asdict(base),
-               "sweep": study.sweep.model_dump(mode="json"), "per_class": study.generation.per_class,
-               "seed": study.generation.seed}
-    payload = without_added_settings(payload, {"settings.sg_adaptive": False, "sweep.step_rules": ["fixed"]})
+    base = sweep_settings(study)
+    payload = sweep_key(study, BundleManifest.read(Path(bundle)).content_hash, guide["weights_sha256"],
+                        evaluator["weights_sha256"])
 
     def make(directory: Path) -> dict:
         report = sg_sweep(Path(bundle), evaluator["model"], base, study.sweep.targets, study.sweep.scales,
@@ -671,6 +687,10 @@ def sweep_lines(results: dict, classes: Sequence[str], directory: Path) -> list[
             sweep_table(sweep, classes).rstrip("\n"), "", "Contact sheets: " + ", ".join(sheets) + "."]
 
 
+def _class_scales_text(scales: dict[str, float]) -> str:
+    return f" ({', '.join(f'{name} {scale:g}' for name, scale in scales.items())})" if scales else ""
+
+
 def _under_output(study: StudyConfig, path: str) -> str:
     """A stage's path as the report shows it: relative to the study's output, so that the report reads
     the same wherever the study ran; paths outside it (a given model) are shown whole."""
@@ -692,7 +712,7 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
              f"{study.generation.per_class} images per class and condition, the same seeds, prompts and AUs in "
              f"every condition; sampling {study.generation.sampling.steps} {study.generation.sampling.scheduler} steps, CFG "
              f"{study.generation.sampling.cfg_scale}, SG scale {study.generation.sampling.sg_scale} on "
-             f"{study.generation.sampling.sg_target}"
+             f"{study.generation.sampling.sg_target}{_class_scales_text(study.generation.sampling.sg_class_scales)}"
              f"{' (adaptive: times 1 - p(target))' if study.generation.sampling.sg_adaptive else ''}, window "
              f"{study.generation.sampling.sg_window}; labeler tau {study.generation.tau}.", "",
              "## The classifiers", "",

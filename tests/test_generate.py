@@ -197,16 +197,19 @@ def test_dataset_begun_before_a_setting_existed_resumes_while_it_is_left_as_it_w
     output = tmp_path / "older"
     raw = raw_config(tiny_bundle_path, output, voters)
     prepare(build_config(GenerateConfig, raw))
-    # What an older version kept: an identity without sampling.sg_adaptive and labeling.mirror_average.
+    # What an older version kept: an identity without sampling.sg_adaptive, sampling.sg_class_scales
+    # and labeling.mirror_average.
     record = json.loads((output / CONFIG_NAME).read_text())
     del record["identity"]["sampling"]["sg_adaptive"], record["identity"]["labeling"]["mirror_average"]
+    del record["identity"]["sampling"]["sg_class_scales"]
     (output / CONFIG_NAME).write_text(json.dumps(record))
     job, _, passes = prepare(build_config(GenerateConfig, raw))
     assert not job.settings.sg_adaptive and passes[0].count == COUNT
     (output / CONFIG_NAME).write_text(json.dumps(record))
-    raw["sampling"]["sg_adaptive"] = True  # set, it changes the rows: the older dataset is not resumed
-    with pytest.raises(SynferError, match=r"output: .*different sampling"):
-        prepare(build_config(GenerateConfig, raw))
+    for setting in ({"sg_adaptive": True}, {"sg_class_scales": {"fear": 16.0}}):
+        # Set, it changes the rows: the older dataset is not resumed.
+        with pytest.raises(SynferError, match=r"output: .*different sampling"):
+            prepare(build_config(GenerateConfig, {**raw, "sampling": {**raw["sampling"], **setting}}))
 
 
 @pytest.mark.parametrize("change, field", [
@@ -215,6 +218,8 @@ def test_dataset_begun_before_a_setting_existed_resumes_while_it_is_left_as_it_w
     (lambda c: c.update(class_mix={"happy": 0.5, "sad": 0.4}), "class_mix"),
     (lambda c: c.update(bundle="/nonexistent/bundle"), "bundle"),
     (lambda c: c["sampling"].update(steps=0), "sampling.steps"),
+    (lambda c: c["sampling"].update(sg_class_scales={"fear": -8}), "sampling.sg_class_scales"),
+    (lambda c: c["sampling"].update(sg_class_scales={"grumpy": 8}), "sampling.sg_class_scales.grumpy"),
     (lambda c: c["labeling"].update(voters=[{"path": "/nonexistent/voter"}]), r"labeling.voters\[0\].path"),
     (lambda c: c.update(colour="blue"), "colour"),
 ])

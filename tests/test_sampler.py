@@ -129,6 +129,31 @@ def test_one_guidance_step_on_each_target_lowers_every_rows_loss(sampler, tiny_b
     assert torch.all(loss_of(adaptive) < before)
 
 
+def test_class_scales_steer_each_class_by_its_own_step(sampler, tiny_bundle):
+    """sg_class_scales: in one batch, rows of a class whose scale is 0 come out as without SG, and
+    rows of a class with its own scale as if that scale were everyone's."""
+    mixed = rows(tiny_bundle, "sad", seeds=(0, 1)) + rows(tiny_bundle, "happy", seeds=(2, 3))
+    per_class = SamplerSettings(steps=8, sg_scale=4.0, sg_class_scales={"sad": 0.0, "happy": 16.0})
+    assert per_class.guided and per_class.sg_scale_of("happy") == 16 and per_class.sg_scale_of("anger") == 4
+    assert SamplerSettings(steps=8, sg_class_scales={"fear": 8.0}).guided  # one class steered is guidance
+    steered = sampler.generate_float(mixed, per_class)
+    unguided = sampler.generate_float(mixed, SamplerSettings(steps=8))
+    everyone_16 = sampler.generate_float(mixed, SamplerSettings(steps=8, sg_scale=16.0))
+    assert torch.allclose(steered[:2], unguided[:2], atol=1e-4)
+    assert torch.allclose(steered[2:], everyone_16[2:], atol=1e-4)
+    assert (steered[2:] - unguided[2:]).abs().max() > 1e-2
+    # Each row's provenance records the scale it was made with.
+    from synfer_ray.data.manifest import ManifestRow
+    from synfer_ray.generator.rows import generate_rows
+    table = generate_rows(sampler, [ManifestRow(r.seed, r.seed, r.target, np.asarray(r.aus, np.float32), r.prompt)
+                                    for r in mixed], per_class, batch_size=4)
+    assert table.column("sg_scale").to_pylist() == [0.0, 0.0, 16.0, 16.0]
+    with pytest.raises(SynferError, match=r"^sg_class_scales\.grumpy: "):
+        sampler.generate(mixed, SamplerSettings(steps=2, sg_class_scales={"grumpy": 8.0}))
+    with pytest.raises(SynferError, match=r"^sg_class_scales\.sad: "):
+        SamplerSettings(sg_class_scales={"sad": -1.0})
+
+
 def test_neutral_is_guided_apart_from_the_unconditional_input(sampler, tiny_bundle):
     adapter = tiny_bundle.au_adapter
     assert not taxonomy.sample_target_aus(0, "neutral", tiny_bundle.au_names, extra_au_probability=0).any()

@@ -238,3 +238,28 @@ def test_mirror_averaged_labeling_reaches_the_labeled_conditions_and_only_then_t
     # Off, the key is the one stages cached before the setting existed; on, the stage is a new one.
     assert "mirror_average" not in _generate_fields(off, {"output"})["labeling"]
     assert config_hash(_generate_fields(on, {"output"})) != config_hash(_generate_fields(off, {"output"}))
+
+
+def test_class_scales_reach_the_guided_conditions_and_not_the_sweeps_key(tmp_path):
+    from synfer_ray.config import TrackingConfig
+    from synfer_ray.study import _generate_fields, condition_config, config_hash, sweep_key
+    raw = {"output": str(tmp_path), "real_train": "real.parquet", "real_test": "test.parquet",
+           "guide": {"model": "g"}, "evaluator": {"model": "e"}, "generator": {"model": "b"},
+           "labeler": {"model": "l"}, "downstream": {"real_rows": 100, "train": {"model": "t"}},
+           "sweep": {"targets": ["au"], "scales": [8]}}
+
+    def generate(condition: str, scales: dict):
+        raw["generation"] = {"sampling": {"sg_scale": 8.0, "sg_class_scales": scales}}
+        return condition_config(build_config(StudyConfig, raw), condition, {"generator": "b", "labeler": "l"},
+                                "g", 70, 0, "out", TrackingConfig(enabled=False))
+    off, on = generate("text_au_sg", {}), generate("text_au_sg", {"fear": 32.0})
+    assert on.sampling.sg_class_scales == {"fear": 32.0} and generate("text_au_sg_labeler", {"fear": 32.0}) \
+        .sampling.sg_class_scales == {"fear": 32.0}
+    assert generate("text_au", {"fear": 32.0}).sampling.sg_class_scales == {}  # no SG there: no class steered
+    # Empty, the key is the one stages cached before the setting existed; set, the stage is a new one.
+    assert "sg_class_scales" not in _generate_fields(off, {"output"})["sampling"]
+    assert config_hash(_generate_fields(on, {"output"})) != config_hash(_generate_fields(off, {"output"}))
+    # The sweep steers every class alike at each point: its key, and its cached stage, stay as they were.
+    assert sweep_key(build_config(StudyConfig, raw), "b", "g", "e") == sweep_key(
+        build_config(StudyConfig, {**raw, "generation": {"sampling": {"sg_scale": 8.0}}}), "b", "g", "e")
+    assert "sg_class_scales" not in sweep_key(build_config(StudyConfig, raw), "b", "g", "e")["settings"]

@@ -80,7 +80,7 @@ def semantic_guidance_step(
     latents: torch.Tensor,
     alpha_bar: torch.Tensor | float,
     targets: torch.Tensor,
-    step_size: float,
+    step_size: float | torch.Tensor,
     prediction: str = "epsilon",
     adaptive: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -89,8 +89,8 @@ def semantic_guidance_step(
     ``conditions`` are the conditional inputs by name (``text``, ``au``), ``eps_of(**conditions)`` the
     (guided) model output for them at this step, ``latents`` the UNet's input x_t, ``prediction``
     what the output is (epsilon or v) and ``decode(x0)`` maps latents to RGB images in [0, 1], as
-    the classifier expects. Each steered condition takes its own relative step; ``adaptive`` scales
-    each sample's by ``1 - p(target)``.
+    the classifier expects. Each steered condition takes its own relative step (``step_size``: one for
+    all samples, or one per sample); ``adaptive`` scales each sample's by ``1 - p(target)``.
     """
     with torch.enable_grad():
         inputs = {name: value.detach().requires_grad_(name in steered) for name, value in conditions.items()}

@@ -42,7 +42,7 @@ def generate_rows(sampler: GuidedSampler, rows: Sequence[ManifestRow], settings:
         "steps": pa.array([settings.steps] * n, pa.int32()),
         "cfg_scale": pa.array([settings.cfg_scale] * n, pa.float32()),
         "au_scale": pa.array([settings.au_scale] * n, pa.float32()),
-        "sg_scale": pa.array([settings.sg_scale] * n, pa.float32()),
+        "sg_scale": pa.array([settings.sg_scale_of(r.target) for r in rows], pa.float32()),  # the row's own
         "sg_window": pa.array([settings.sg_window] * n, pa.float32()),
         "sg_target": pa.array([settings.sg_target] * n, pa.string()),
         "sg_adaptive": pa.array([settings.sg_adaptive] * n, pa.bool_()),

@@ -13,7 +13,7 @@ scheduler sees it, which keeps multistep solvers and the normalised SG step nume
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ MAX_STEPS = 1000
 class SamplerSettings:
     """How to sample. ``cfg_scale`` 1 turns CFG off; ``sg_scale`` 0 turns semantic guidance off, else
     each guided step moves ``sg_target`` by ``sg_scale`` percent of its norm (see guidance.py), times
-    ``1 - p(target)`` per sample with ``sg_adaptive``."""
+    ``1 - p(target)`` per sample with ``sg_adaptive``. ``sg_class_scales`` (class -> scale; a mapping
+    is kept as sorted pairs) gives the named classes' rows their own scale instead of ``sg_scale``."""
 
     steps: int = 25
     cfg_scale: float = 3.0
@@ -43,15 +44,20 @@ class SamplerSettings:
     scheduler: str = "ddim"
     sg_target: str = DEFAULT_SG_TARGET
     sg_adaptive: bool = False
+    sg_class_scales: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_config(cls, sampling) -> "SamplerSettings":
         """From a :class:`synfer_ray.config.SamplingConfig` (generate, quality report, study)."""
         return cls(steps=sampling.steps, cfg_scale=sampling.cfg_scale, au_scale=sampling.au_scale,
                    sg_scale=sampling.sg_scale, sg_window=sampling.sg_window, scheduler=sampling.scheduler,
-                   sg_target=sampling.sg_target, sg_adaptive=sampling.sg_adaptive)
+                   sg_target=sampling.sg_target, sg_adaptive=sampling.sg_adaptive,
+                   sg_class_scales=sampling.sg_class_scales)
 
     def __post_init__(self):
+        # Frozen and hashable whatever the caller passed: a mapping becomes sorted (class, scale) pairs.
+        pairs = self.sg_class_scales.items() if isinstance(self.sg_class_scales, Mapping) else self.sg_class_scales
+        object.__setattr__(self, "sg_class_scales", tuple(sorted((str(c), float(v)) for c, v in pairs)))
         if self.scheduler not in SCHEDULERS:
             raise SynferError("scheduler", self.scheduler, f"one of {list(SCHEDULERS)}")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
@@ -60,10 +66,22 @@ class SamplerSettings:
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise SynferError(name, value, "a finite number >= 0")
+        for name, value in self.sg_class_scales:
+            if not np.isfinite(value) or value < 0:
+                raise SynferError(f"sg_class_scales.{name}", value, "a finite number >= 0")
         if self.sg_target not in SG_TARGETS:
             raise SynferError("sg_target", self.sg_target, f"one of {list(SG_TARGETS)}")
         if not 0 <= self.sg_window <= 1:
             raise SynferError("sg_window", self.sg_window, "a fraction of the steps in [0, 1]")
+
+    @property
+    def guided(self) -> bool:
+        """Whether semantic guidance runs at all: some row has a scale above 0."""
+        return self.sg_scale > 0 or any(scale > 0 for _, scale in self.sg_class_scales)
+
+    def sg_scale_of(self, target: str | None) -> float:
+        """The SG scale of a row asking for ``target``."""
+        return dict(self.sg_class_scales).get(target, self.sg_scale)
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,9 @@ class GuidedSampler:
         """Raise :class:`SynferError` naming the field of the first bad request."""
         n_aus = len(self.bundle.au_names)
         size = self.bundle.manifest.resolution
+        for name, _ in settings.sg_class_scales:
+            if name not in self.bundle.classes:
+                raise SynferError(f"sg_class_scales.{name}", name, f"a class of the bundle: {list(self.bundle.classes)}")
         for i, request in enumerate(requests):
             if not isinstance(request.seed, (int, np.integer)) or request.seed < 0:
                 raise SynferError(f"rows[{i}].seed", request.seed, "an integer >= 0")
@@ -113,7 +134,7 @@ class GuidedSampler:
             if request.reference is not None and request.reference.shape != (size, size, 3):
                 raise SynferError(f"rows[{i}].reference", request.reference.shape,
                                   f"an RGB uint8 image of shape ({size}, {size}, 3)")
-            if settings.sg_scale > 0:
+            if settings.guided:
                 if self.sg_classifier is None:
                     raise SynferError("sg_scale", settings.sg_scale,
                                       "0, or a bundle with sg_classifier/ or a --sg-classifier path")
@@ -203,10 +224,12 @@ class GuidedSampler:
             latents[references] = inverted * scheduler.init_noise_sigma
         use_cfg = settings.cfg_scale != 1.0
         text_uncond = self._uncond_text(batch)
-        sg_at = guidance_steps(settings.steps, settings.sg_window) if settings.sg_scale > 0 else set()
-        targets = None
+        sg_at = guidance_steps(settings.steps, settings.sg_window) if settings.guided else set()
+        targets = step_sizes = None
         if sg_at:
             targets = torch.tensor([self.sg_classes.index(r.target) for r in requests], device=self.device)
+            step_sizes = settings.sg_scale if not settings.sg_class_scales else torch.tensor(
+                [settings.sg_scale_of(r.target) for r in requests], dtype=torch.float32, device=self.device)
         for i, t in enumerate(scheduler.timesteps):
             # The UNet's input: x_t at the VP scale (Euler keeps x0 + sigma * eps and scales it here).
             model_input = scheduler.scale_model_input(latents, t)
@@ -228,7 +251,7 @@ class GuidedSampler:
                     {"text": text, "au": au_cond}, SG_TARGETS[settings.sg_target],
                     lambda text, au: guided(self._eps(model_input, t, text, au, settings.au_scale)),
                     self.decode, self.sg_classifier, model_input, alpha_bar_at(scheduler, i, t).to(self.device),
-                    targets, settings.sg_scale, self.prediction, adaptive=settings.sg_adaptive)
+                    targets, step_sizes, self.prediction, adaptive=settings.sg_adaptive)
                 text, au_cond = moved["text"], moved["au"]
                 with torch.no_grad():
                     eps_cond = self._eps(model_input, t, text, au_cond, settings.au_scale)

@@ -153,7 +153,7 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
     out.mkdir(parents=True, exist_ok=True)
     for target, adaptive, scale in points:
         settings = dataclasses.replace(base, sg_scale=scale, sg_target=target if scale > 0 else base.sg_target,
-                                       sg_adaptive=adaptive)
+                                       sg_adaptive=adaptive, sg_class_scales=())
         start = time.perf_counter()
         images, asked = sample_per_class(bundle, settings, per_class, seed)
         seconds = time.perf_counter() - start
