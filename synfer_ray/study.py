@@ -325,7 +325,7 @@ def score_dataset(dataset: str, evaluator_path: str, classes: Sequence[str]) -> 
     }
 
 
-def sweep_settings(study: StudyConfig):
+def sweep_base_settings(study: StudyConfig):
     """The sweep's base sampler settings: the study's, with one scale for every class at each point
     (the sweep is what per-class scales are read from)."""
     import dataclasses
@@ -339,7 +339,7 @@ def sweep_key(study: StudyConfig, bundle_hash: str, guide_sha256: str, evaluator
     at their old-behaviour values, so those sweeps stay valid."""
     import dataclasses
     payload = {"bundle": bundle_hash, "guide": guide_sha256, "evaluator": evaluator_sha256,
-               "settings": dataclasses.asdict(sweep_settings(study)),
+               "settings": dataclasses.asdict(sweep_base_settings(study)),
                "sweep": study.sweep.model_dump(mode="json"), "per_class": study.generation.per_class,
                "seed": study.generation.seed}
     return without_added_settings(payload, {"settings.sg_adaptive": False, "settings.sg_class_scales": (),
@@ -353,7 +353,7 @@ def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, c
         return None
     from synfer_ray.bundle import BundleManifest
     from synfer_ray.train.generator_report import sg_sweep
-    base = sweep_settings(study)
+    base = sweep_base_settings(study)
     payload = sweep_key(study, BundleManifest.read(Path(bundle)).content_hash, guide["weights_sha256"],
                         evaluator["weights_sha256"])
 
@@ -664,8 +664,10 @@ def stage_time_lines(times: Sequence[dict]) -> list[str]:
     return lines + [f"| `{t['stage']}` | {t['seconds'] / 60:.1f} |" for t in times]
 
 
-def sweep_lines(results: dict, classes: Sequence[str], directory: Path) -> list[str]:
-    """The SG sweep's table, with each point's contact sheet copied next to the report."""
+def sweep_lines(results: dict, classes: Sequence[str], directory: Path,
+                setting: tuple[str, float] | None = None) -> list[str]:
+    """The SG sweep's table, with each point's contact sheet copied next to the report; ``setting``
+    (curve, scale): the study's own, where the weak classes are read (default: the sweep's pick)."""
     sweep = results.get("sweep")
     if not sweep:
         return []
@@ -684,7 +686,16 @@ def sweep_lines(results: dict, classes: Sequence[str], directory: Path) -> list[
             "alike), which the default rule reads; among agreed: the same over the faces the evaluator reads "
             "as asked; pixels: the same over mean-centred grey pixels (class-blind: identity, pose, light). "
             "Real faces: the same readings of as many real test faces per class, a seeded draw.", "",
-            sweep_table(sweep, classes).rstrip("\n"), "", "Contact sheets: " + ", ".join(sheets) + "."]
+            sweep_table(sweep, classes, setting).rstrip("\n"), "",
+            "Contact sheets: " + ", ".join(sheets) + "."]
+
+
+def study_sg_point(sampling) -> tuple[str, float] | None:
+    """The study's SG setting (a SamplingConfig) as a sweep curve and scale, where the report reads
+    which classes stay weak."""
+    if not sampling.sg_scale:
+        return None
+    return sampling.sg_target + (" adaptive" if sampling.sg_adaptive else ""), sampling.sg_scale
 
 
 def _class_scales_text(scales: dict[str, float]) -> str:
@@ -750,7 +761,7 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
         source = Path(scores["dataset"]) / "report" / "contact_sheet.png"
         if source.is_file():
             shutil.copy(source, directory / f"contact_{condition}.png")
-    lines += sweep_lines(results, classes, directory)
+    lines += sweep_lines(results, classes, directory, study_sg_point(study.generation.sampling))
     lines += ["", "## Downstream: a classifier trained on each set, tested on real faces (%)", "",
               f"Real subset N = {study.downstream.real_rows}; synthetic = condition "
               f"{CONDITION_TITLES[study.downstream.condition]} ({study.downstream.synthetic_rows} rows: "

@@ -380,10 +380,33 @@ def test_the_default_rule_ignores_scales_past_a_targets_peak():
     for p in points:
         p.update(seconds=1.0)
     stale = {"points": points, "best_within_diversity": {"sg_target": "au", "sg_scale": 128}}
-    assert sweep_table(stale, ["happy"]).rstrip().endswith("text SG 8, 68.6%.")
+    assert sweep_table(stale, ["happy"]).rstrip().endswith("text SG 8, 68.6%.")  # no per-class readings
     # Each step rule is a curve of its own: adaptive AU still rises at 128, so its 128 counts while
     # fixed AU's 128 (past that curve's peak) does not.
     adaptive = [{**point("au", 64, 0.866, 0.1378), "sg_adaptive": True},
                 {**point("au", 128, 0.88, 0.19), "sg_adaptive": True}]
     best = best_within_diversity(points + adaptive)
     assert (best["sg_target"], best["sg_adaptive"], best["sg_scale"]) == ("au", True, 128)
+
+
+def test_weak_classes_are_lifted_by_the_smallest_scale_of_their_curve():
+    """The study's sweep (docs/study.md), fixed steps on the AU tokens: at SG 8 only fear is read as
+    asked under 30% of the time (20%); AU 32 is the first scale at which it reaches 30% (38%)."""
+    from synfer_ray.train.generator_report import class_scales_line, class_scales_to_floor, sweep_table
+
+    def point(target, scale, fear, anger, overall, adaptive=False):
+        return {"sg_target": target, "sg_scale": scale, "sg_adaptive": adaptive, "diversity": 0.2, "seconds": 1.0,
+                "agreement": {"overall": overall, "fear": fear, "anger": anger}}
+    points = [point("none", 0, 0.08, 0.46, 0.623), point("au", 8, 0.20, 0.68, 0.737),
+              point("au", 16, 0.26, 0.78, 0.789), point("au", 32, 0.38, 0.88, 0.854),
+              point("au", 64, 0.40, 0.86, 0.863), point("au", 128, 0.38, 0.72, 0.729),
+              point("au", 8, 0.14, 0.25, 0.709, adaptive=True), point("au", 16, 0.26, 0.74, 0.769, adaptive=True)]
+    assert class_scales_to_floor(points, "au", 8) == {"fear": {"agreement": 0.20, "sg_scale": 32, "reached": 0.38}}
+    assert "`sampling.sg_class_scales={fear: 32}`" in class_scales_line(points, "au", 8)
+    # Each step rule is its own curve; a class no scale up to the curve's peak lifts is named.
+    assert class_scales_to_floor(points, "au adaptive", 8) == {
+        "fear": {"agreement": 0.14, "sg_scale": None, "reached": None},
+        "anger": {"agreement": 0.25, "sg_scale": 16, "reached": 0.74}}
+    assert "No scale up to the curve's peak lifts fear." in class_scales_line(points, "au adaptive", 8)
+    assert class_scales_line(points, "au", 32).startswith("At au SG 32 no class")
+    assert "fear 32 (38%)" in sweep_table({"points": points}, ["fear", "anger"], ("au", 8))

@@ -261,12 +261,63 @@ def best_within_diversity(points: Sequence[dict[str, Any]]) -> dict[str, Any] | 
             "diversity_floor": floor}
 
 
+CLASS_FLOOR = 0.30  # issue 19: no class read as asked less often than this
+
+
+def class_scales_to_floor(points: Sequence[dict[str, Any]], curve: str, scale: float,
+                          floor: float = CLASS_FLOOR) -> dict[str, dict[str, Any]]:
+    """The classes the evaluator reads as asked less than ``floor`` of the time at ``scale`` on
+    ``curve``, each with the smallest larger scale of that curve, up to its peak, at which it reaches
+    ``floor`` (None where none does): per-class scales (``sampling.sg_class_scales``) that lift the
+    weak classes without steering every other class harder. Rows of a class are made alike whatever
+    their batch holds, so a class's reading at a shared scale is its reading at its own scale."""
+    on_curve = sorted((p for p in points if curve_name(p) == curve and p["sg_scale"] > 0),
+                      key=lambda p: p["sg_scale"])
+    base = next((p for p in on_curve if p["sg_scale"] == scale), None)
+    if base is None:
+        return {}
+    peak = max(on_curve, key=lambda p: p["agreement"]["overall"])["sg_scale"]
+    weak = {}
+    for name, share in base["agreement"].items():
+        if name == "overall" or share >= floor:
+            continue
+        reach = next((p for p in on_curve if scale < p["sg_scale"] <= peak and p["agreement"][name] >= floor), None)
+        weak[name] = {"agreement": share, "sg_scale": reach["sg_scale"] if reach else None,
+                      "reached": reach["agreement"][name] if reach else None}
+    return weak
+
+
+def class_scales_line(points: Sequence[dict[str, Any]], curve: str, scale: float) -> str:
+    """One sentence: the classes under CLASS_FLOOR at (curve, scale), and the scales that lift them
+    (empty where the sweep has no such point or no per-class readings)."""
+    base = next((p for p in points if curve_name(p) == curve and p["sg_scale"] == scale), None)
+    if base is None or set(base["agreement"]) <= {"overall"}:
+        return ""  # not a point of this sweep, or no per-class readings
+    weak = class_scales_to_floor(points, curve, scale)
+    if not weak:
+        return f"At {curve} SG {scale:g} no class is read as asked less than {CLASS_FLOOR:.0%} of the time."
+    under = ", ".join(f"{name} {w['agreement']:.0%}" for name, w in weak.items())
+    lifted = {name: w for name, w in weak.items() if w["sg_scale"] is not None}
+    text = f"At {curve} SG {scale:g}, read as asked less than {CLASS_FLOOR:.0%} of the time: {under}."
+    if lifted:
+        scales = ", ".join(f"{name}: {w['sg_scale']:g}" for name, w in lifted.items())
+        text += (" The smallest scale of the same curve that lifts each to it: "
+                 + ", ".join(f"{name} {w['sg_scale']:g} ({w['reached']:.0%})" for name, w in lifted.items())
+                 + f", i.e. `sampling.sg_class_scales={{{scales}}}`.")
+    missing = [name for name, w in weak.items() if w["sg_scale"] is None]
+    if missing:
+        text += f" No scale up to the curve's peak lifts {', '.join(missing)}."
+    return text
+
+
 def _class_cells(shares: dict[str, float], classes: Sequence[str]) -> str:
     return " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
 
 
-def sweep_table(report: dict[str, Any], classes: Sequence[str]) -> str:
-    """The sweep as a Markdown table: one line per (target, scale), agreement per class in percent."""
+def sweep_table(report: dict[str, Any], classes: Sequence[str], setting: tuple[str, float] | None = None) -> str:
+    """The sweep as a Markdown table: one line per (target, scale), agreement per class in percent;
+    below it the default rule's pick and the classes left under CLASS_FLOOR at ``setting`` (a curve and
+    scale; default: the pick) with the per-class scales that lift them."""
     header = ("| SG target | SG scale | agreement | " + " | ".join(classes)
               + " | diversity | among agreed | pixels | seconds |")
     lines = [header, "|" + "---|" * (len(classes) + 7)]
@@ -290,4 +341,8 @@ def sweep_table(report: dict[str, Any], classes: Sequence[str]) -> str:
         lines += ["", f"Highest agreement with diversity within {DIVERSITY_TOLERANCE:.0%} of no SG (>= "
                       f"{best['diversity_floor']:.4f}): {curve_name(best)} SG {best['sg_scale']:g}, "
                       f"{best['agreement']:.1%}."]
+        curve, scale = setting or (curve_name(best), best["sg_scale"])
+        weak_classes = class_scales_line(report["points"], curve, scale) if scale > 0 else ""
+        if weak_classes:
+            lines += ["", weak_classes]
     return "\n".join(lines) + "\n"
