@@ -38,18 +38,33 @@ def metrics_from_confusion(matrix: np.ndarray, classes: Sequence[str]) -> dict:
     }
 
 
+def class_diversities_from_sums(by_class: dict[str, tuple[int, np.ndarray]]) -> dict[str, float]:
+    """Each class's mean pairwise cosine distance (0 = all alike), from its count n and sum S of unit
+    embeddings: the sum of all cosine similarities is |S|^2. Classes of fewer than 2 rows have none."""
+    return {name: float((n * n - np.dot(total, total)) / (n * (n - 1))) for name, (n, total) in by_class.items()
+            if n >= 2}
+
+
 def diversity_from_sums(by_class: dict[str, tuple[int, np.ndarray]]) -> float:
-    """Mean pairwise cosine distance within each class, averaged over classes (0 = all alike), from each
-    class's count n and sum S of unit embeddings: sum of all cosine similarities = |S|^2."""
-    values = [float((n * n - np.dot(total, total)) / (n * (n - 1))) for n, total in by_class.values() if n >= 2]
+    """:func:`class_diversities_from_sums` averaged over classes."""
+    values = list(class_diversities_from_sums(by_class).values())
     return float(np.mean(values)) if values else float("nan")
+
+
+def _unit_sums(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, tuple[int, np.ndarray]]:
+    unit = embeddings / np.clip(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12, None)
+    return {name: (int((labels == name).sum()), unit[labels == name].sum(axis=0))
+            for name in dict.fromkeys(labels.tolist())}
+
+
+def diversity_by_class(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """:func:`class_diversities_from_sums` over rows held in memory."""
+    return class_diversities_from_sums(_unit_sums(embeddings, labels))
 
 
 def within_class_diversity(embeddings: np.ndarray, labels: np.ndarray) -> float:
     """:func:`diversity_from_sums` over rows held in memory."""
-    unit = embeddings / np.clip(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12, None)
-    return diversity_from_sums({name: (int((labels == name).sum()), unit[labels == name].sum(axis=0))
-                                for name in dict.fromkeys(labels.tolist())})
+    return diversity_from_sums(_unit_sums(embeddings, labels))
 
 
 def pixel_vectors(images: np.ndarray) -> np.ndarray:

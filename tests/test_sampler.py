@@ -410,3 +410,44 @@ def test_weak_classes_are_lifted_by_the_smallest_scale_of_their_curve():
     assert "No scale up to the curve's peak lifts fear." in class_scales_line(points, "au adaptive", 8)
     assert class_scales_line(points, "au", 32).startswith("At au SG 32 no class")
     assert "fear 32 (38%)" in sweep_table({"points": points}, ["fear", "anger"], ("au", 8))
+
+
+def test_class_scale_mix_is_the_best_within_the_diversity_floor():
+    """Each class its own scale: the mix of highest mean agreement whose mean diversity stays within
+    10% of no SG's, the same as trying every mix; SG is left off a class where it costs diversity
+    without buying agreement."""
+    import itertools
+
+    from synfer_ray.train.generator_report import class_scales_within_diversity, sweep_table
+
+    def point(target, scale, readings):  # readings: class -> (agreement, diversity)
+        shares = {name: a for name, (a, _) in readings.items()}
+        diversities = {name: d for name, (_, d) in readings.items()}
+        return {"sg_target": target, "sg_scale": scale, "seconds": 1.0,
+                "agreement": {**shares, "overall": float(np.mean(list(shares.values())))},
+                "diversity_by_class": diversities, "diversity": float(np.mean(list(diversities.values())))}
+    points = [point("none", 0, {"happy": (0.90, 0.20), "sad": (0.30, 0.20), "fear": (0.50, 0.20)}),
+              point("au", 8, {"happy": (0.92, 0.10), "sad": (0.60, 0.18), "fear": (0.72, 0.17)}),
+              point("au", 16, {"happy": (0.95, 0.08), "sad": (0.80, 0.15), "fear": (0.80, 0.15)})]
+    mix = class_scales_within_diversity(points, "au")
+    assert mix["scales"] == {"happy": 0.0, "sad": 8, "fear": 8}
+    assert mix["agreement"] == pytest.approx((0.90 + 0.60 + 0.72) / 3) and mix["diversity"] >= 0.18
+    assert "`{sad: 8, fear: 8}` | **74.0%**" in sweep_table({"points": points}, ["happy", "sad", "fear"])
+    # Against every mix, on a random sweep of 7 classes and 6 scales.
+    rng = np.random.default_rng(0)
+    classes = [f"c{i}" for i in range(7)]
+    scales = [0, 4, 8, 16, 32, 64]
+    table = {scale: {name: (float(rng.uniform(0.1, 1)), float(rng.uniform(0.1, 0.3))) for name in classes}
+             for scale in scales}
+    points = [point("none" if scale == 0 else "au", scale, table[scale]) for scale in scales]
+    floor = 0.9 * points[0]["diversity"]
+    peak = max(points[1:], key=lambda p: p["agreement"]["overall"])["sg_scale"]
+    allowed = [s for s in scales if s <= peak]
+    best = max(((np.mean([table[s][n][0] for s, n in zip(mix, classes)]), mix)
+                for mix in itertools.product(allowed, repeat=len(classes))
+                if np.mean([table[s][n][1] for s, n in zip(mix, classes)]) >= floor - 1e-12))
+    found = class_scales_within_diversity(points, "au")
+    assert found["agreement"] == pytest.approx(best[0]) and found["diversity"] >= floor - 1e-12
+    # A sweep made before per-class diversity was read has no mix.
+    del points[1]["diversity_by_class"]
+    assert class_scales_within_diversity(points, "au") is None

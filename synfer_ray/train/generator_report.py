@@ -4,6 +4,7 @@ reconstructs, and how often a FER classifier trained on real faces agrees with t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from synfer_ray import taxonomy
 from synfer_ray.config import QualityConfig
-from synfer_ray.evaluate import pixel_vectors, within_class_diversity
+from synfer_ray.evaluate import diversity_by_class, pixel_vectors, within_class_diversity
 from synfer_ray.images import png_bytes
 from synfer_ray.reports import contact_sheet
 
@@ -187,6 +188,7 @@ def face_readings(evaluator, images: np.ndarray, asked: Sequence[str]) -> dict[s
     agreed = np.asarray(evaluator.classes)[probabilities.argmax(axis=1)] == asked_array
     return {"agreement": agreement_by_class(probabilities, asked, evaluator.classes),
             "diversity": within_class_diversity(embeddings, asked_array),
+            "diversity_by_class": diversity_by_class(embeddings, asked_array),
             "diversity_agreed": within_class_diversity(embeddings[agreed], asked_array[agreed]),
             "pixel_diversity": within_class_diversity(pixel_vectors(images), asked_array)}
 
@@ -300,14 +302,74 @@ def class_scales_line(points: Sequence[dict[str, Any]], curve: str, scale: float
     lifted = {name: w for name, w in weak.items() if w["sg_scale"] is not None}
     text = f"At {curve} SG {scale:g}, read as asked less than {CLASS_FLOOR:.0%} of the time: {under}."
     if lifted:
-        scales = ", ".join(f"{name}: {w['sg_scale']:g}" for name, w in lifted.items())
+        scales = class_scales_text({name: w["sg_scale"] for name, w in lifted.items()})
         text += (" The smallest scale of the same curve that lifts each to it: "
                  + ", ".join(f"{name} {w['sg_scale']:g} ({w['reached']:.0%})" for name, w in lifted.items())
-                 + f", i.e. `sampling.sg_class_scales={{{scales}}}`.")
+                 + f", i.e. `sampling.sg_class_scales={scales}`.")
     missing = [name for name, w in weak.items() if w["sg_scale"] is None]
     if missing:
         text += f" No scale up to the curve's peak lifts {', '.join(missing)}."
     return text
+
+
+def class_scales_within_diversity(points: Sequence[dict[str, Any]], curve: str,
+                                  tolerance: float = DIVERSITY_TOLERANCE) -> dict[str, Any] | None:
+    """Each class its own scale on one curve (0: no SG, read from the no-SG point), the mix of highest
+    overall agreement whose diversity stays within ``tolerance`` of no SG's (``sampling.sg_class_scales``).
+    Overall agreement and diversity are means over classes of equal size, and a class's faces do not
+    depend on the other classes' scales, so every mix is read off the sweep's per-class figures: SG is
+    spent on the classes where it buys agreement, not on those already legible. Scales up to the
+    curve's peak; None for sweeps without per-class diversity (made before it was read)."""
+    plain = next((p for p in points if p["sg_scale"] == 0), None)
+    on_curve = [p for p in points if curve_name(p) == curve and p["sg_scale"] > 0]
+    if plain is None or not on_curve or any("diversity_by_class" not in p for p in [plain, *on_curve]):
+        return None
+    peak = max(on_curve, key=lambda p: p["agreement"]["overall"])["sg_scale"]
+    options = [plain] + [p for p in on_curve if p["sg_scale"] <= peak]
+    classes = list(plain["diversity_by_class"])
+    # The Pareto front of (agreement sum, diversity sum) over the classes so far: a mix another beats
+    # on both can never be the best, so the front stays small (7 classes x 6 scales: dozens of mixes).
+    front: list[tuple[float, float, tuple[float, ...]]] = [(0.0, 0.0, ())]
+    for name in classes:
+        grown = sorted(((agreement + p["agreement"][name], diversity + p["diversity_by_class"][name],
+                         scales + (p["sg_scale"],)) for agreement, diversity, scales in front for p in options),
+                       key=lambda mix: (-mix[1], -mix[0]))
+        front, best = [], -math.inf
+        for mix in grown:
+            if mix[0] > best:
+                front.append(mix)
+                best = mix[0]
+    floor = (1 - tolerance) * plain["diversity"]
+    count = len(classes)
+    allowed = [mix for mix in front if mix[1] / count >= floor - 1e-12]
+    agreement, diversity, scales = max(allowed, key=lambda mix: (mix[0], mix[1]))
+    chosen = dict(zip(classes, scales))
+    by_class = {name: next(p for p in options if p["sg_scale"] == chosen[name])["agreement"][name] for name in classes}
+    return {"curve": curve, "scales": chosen, "agreement": agreement / count, "diversity": diversity / count,
+            "diversity_floor": floor, "agreement_by_class": by_class}
+
+
+def class_scales_text(scales: dict[str, float]) -> str:
+    """``{neutral: 16, fear: 32}``: the classes steered, as ``sampling.sg_class_scales`` reads them."""
+    return "{" + ", ".join(f"{name}: {scale:g}" for name, scale in scales.items() if scale > 0) + "}"
+
+
+def class_scale_mix_lines(points: Sequence[dict[str, Any]]) -> list[str]:
+    """Per curve, :func:`class_scales_within_diversity`'s mix as a table (none for older sweeps)."""
+    mixes = [mix for curve in dict.fromkeys(curve_name(p) for p in points if p["sg_scale"] > 0)
+             if (mix := class_scales_within_diversity(points, curve))]
+    if not mixes:
+        return []
+    lines = ["", f"Each class its own scale on one curve (`sampling.sg_target` and `sampling.sg_class_scales`, "
+                 f"`sampling.sg_scale=0`; unnamed classes unguided), the mix of highest agreement within "
+                 f"{DIVERSITY_TOLERANCE:.0%} of no SG's diversity (>= {mixes[0]['diversity_floor']:.4f}), read off "
+                 f"each class's agreement and diversity at each point:", "",
+             "| SG target | class scales | agreement | diversity | lowest class |", "|---|---|---|---|---|"]
+    for mix in mixes:
+        lowest = min(mix["agreement_by_class"], key=mix["agreement_by_class"].get)
+        lines.append(f"| {mix['curve']} | `{class_scales_text(mix['scales'])}` | **{mix['agreement']:.1%}** | "
+                     f"{mix['diversity']:.4f} | {lowest} {mix['agreement_by_class'][lowest]:.0%} |")
+    return lines
 
 
 def _class_cells(shares: dict[str, float], classes: Sequence[str]) -> str:
@@ -345,4 +407,5 @@ def sweep_table(report: dict[str, Any], classes: Sequence[str], setting: tuple[s
         weak_classes = class_scales_line(report["points"], curve, scale) if scale > 0 else ""
         if weak_classes:
             lines += ["", weak_classes]
+    lines += class_scale_mix_lines(report["points"])
     return "\n".join(lines) + "\n"
