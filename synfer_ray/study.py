@@ -44,11 +44,26 @@ def config_hash(payload: Any) -> str:
 
 class StageCache:
     """``run(kind, payload, make)``: the stored result of an identical earlier stage, or ``make(dir)``'s.
-    ``times`` lists each stage this study used with the wall time of the run that made it."""
+    ``times`` lists each stage this study used with the wall time that made it: a stage stopped and
+    continued later (its shards and checkpoints kept) took several parts, and its time is their sum,
+    a stopped part counted up to the last file it wrote (``parts.json``)."""
+
+    PARTS_NAME = "parts.json"
 
     def __init__(self, root: Path):
         self.root = root / "stages"
         self.times: list[dict[str, Any]] = []
+
+    def _earlier_parts(self, directory: Path) -> list[dict[str, float]]:
+        """The parts of this stage that ran before and stopped, each with its seconds."""
+        record, started = directory / self.PARTS_NAME, directory / "stage_config.json"
+        parts = json.loads(record.read_text()) if record.is_file() else []
+        if not parts and started.is_file():  # a part begun before parts were recorded
+            parts = [{"started": started.stat().st_mtime}]
+        if parts and "seconds" not in parts[-1]:
+            written = [f.stat().st_mtime for f in directory.rglob("*") if f.is_file() and f.name != self.PARTS_NAME]
+            parts[-1]["seconds"] = max(0.0, max(written, default=parts[-1]["started"]) - parts[-1]["started"])
+        return parts
 
     def run(self, kind: str, payload: Any, make: Callable[[Path], dict]) -> dict:
         directory = self.root / f"{kind}-{config_hash(payload)}"
@@ -57,14 +72,21 @@ class StageCache:
             result = json.loads(done.read_text())
             # Stages made before their time was recorded: the config is written as make() starts.
             seconds = result.get("seconds", done.stat().st_mtime - started.stat().st_mtime)
-            self.times.append({"stage": directory.name, "seconds": seconds, "cached": True})
+            self.times.append({"stage": directory.name, "seconds": seconds, "parts": result.get("parts"),
+                               "cached": True})
             return {**result, "cached": True}
         directory.mkdir(parents=True, exist_ok=True)
+        parts = self._earlier_parts(directory) + [{"started": time.time()}]
+        (directory / self.PARTS_NAME).write_text(json.dumps(parts))
         started.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
         start = time.monotonic()
-        result = {**make(directory), "seconds": time.monotonic() - start}
+        made = make(directory)
+        parts[-1]["seconds"] = time.monotonic() - start
+        (directory / self.PARTS_NAME).write_text(json.dumps(parts))
+        result = {**made, "seconds": sum(part["seconds"] for part in parts), "parts": len(parts)}
         done.write_text(json.dumps(result, indent=2, default=str))
-        self.times.append({"stage": directory.name, "seconds": result["seconds"], "cached": False})
+        self.times.append({"stage": directory.name, "seconds": result["seconds"], "parts": len(parts),
+                           "cached": False})
         return {**result, "cached": False}
 
 
@@ -656,12 +678,16 @@ def vote_lines(votes: dict[str, dict], tau: float) -> list[str]:
 
 
 def stage_time_lines(times: Sequence[dict]) -> list[str]:
-    """Wall time of each stage, from the run that made it (a cached stage keeps its first time)."""
+    """Wall time of each stage, from the run that made it (a cached stage keeps its first time); a
+    stage stopped and continued, the sum of its parts (stages made before parts were counted: the last)."""
     if not times:
         return []
-    lines = ["", "## Stage times", "", f"Wall time of the run that made each stage (under `stages/`); "
-             f"{sum(t['seconds'] for t in times) / 3600:.1f} h in all.", "", "| stage | minutes |", "|---|---|"]
-    return lines + [f"| `{t['stage']}` | {t['seconds'] / 60:.1f} |" for t in times]
+    lines = ["", "## Stage times", "", f"Wall time that made each stage (under `stages/`); a stage stopped and "
+             f"continued: the sum of its parts, a stopped part counted to the last file it wrote (parts: "
+             f"blank for stages made before they were counted, which record only their last part); "
+             f"{sum(t['seconds'] for t in times) / 3600:.1f} h in all.", "", "| stage | minutes | parts |",
+             "|---|---|---|"]
+    return lines + [f"| `{t['stage']}` | {t['seconds'] / 60:.1f} | {t.get('parts') or ''} |" for t in times]
 
 
 def sweep_lines(results: dict, classes: Sequence[str], directory: Path,

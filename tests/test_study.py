@@ -61,6 +61,31 @@ def test_stage_cache_reuses_an_identical_stage_only(tmp_path):
                                                                   (False, cache.times[2]["seconds"])]
 
 
+def test_a_stage_stopped_and_continued_records_the_time_of_every_part(tmp_path):
+    import os
+    cache = StageCache(tmp_path)
+
+    def stopped(directory):  # wrote a shard 30 s in, then the study was stopped
+        (directory / "shard-0.parquet").write_text("rows")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        cache.run("headline", {"a": 1}, stopped)
+    directory = next((tmp_path / "stages").iterdir())
+    parts = json.loads((directory / "parts.json").read_text())
+    assert len(parts) == 1 and "seconds" not in parts[0]
+    os.utime(directory / "shard-0.parquet", (parts[0]["started"] + 30,) * 2)
+
+    def continued(directory):
+        assert (directory / "shard-0.parquet").is_file()  # the first part's work is kept
+        return {"rows": 2}
+    result = cache.run("headline", {"a": 1}, continued)
+    assert result["parts"] == 2 and 30 <= result["seconds"] < 35
+    assert cache.times[-1]["parts"] == 2
+    assert StageCache(tmp_path).run("headline", {"a": 1}, continued)["seconds"] == result["seconds"]
+    from synfer_ray.study import stage_time_lines
+    assert f"| `{directory.name}` | 0.5 | 2 |" in stage_time_lines(cache.times)
+
+
 def test_a_headline_budget_needs_a_headline_target(tmp_path):
     raw = {"output": str(tmp_path), "real_train": "real.parquet", "real_test": "test.parquet",
            "guide": {"model": "g"}, "evaluator": {"model": "e"}, "generator": {"model": "b"},
