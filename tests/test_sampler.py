@@ -433,6 +433,16 @@ def test_class_scale_mix_is_the_best_within_the_diversity_floor():
     assert mix["scales"] == {"happy": 0.0, "sad": 8, "fear": 8}
     assert mix["agreement"] == pytest.approx((0.90 + 0.60 + 0.72) / 3) and mix["diversity"] >= 0.18
     assert "`{sad: 8, fear: 8}` | **74.0%**" in sweep_table({"points": points}, ["happy", "sad", "fear"])
+    # Every class at least 65%: sad needs 16, so happy and fear give up their diversity... or it does not fit.
+    assert class_scales_within_diversity(points, "au", class_floor=0.65) is None
+    assert "| au, every class >= 30% |" not in sweep_table({"points": points}, ["happy", "sad", "fear"])
+    # Sad under 30% but at SG 16, where lifting it buys little: the plain mix steers fear instead ...
+    for reading, share in zip(points, (0.25, 0.28, 0.35)):
+        reading["agreement"]["sad"] = share
+    assert class_scales_within_diversity(points, "au")["scales"] == {"happy": 0.0, "sad": 0.0, "fear": 16}
+    floored = class_scales_within_diversity(points, "au", class_floor=0.30)
+    assert floored["scales"] == {"happy": 0.0, "sad": 16, "fear": 0.0}  # ... the floored one lifts sad
+    assert "| au, every class >= 30% | `{sad: 16}` |" in sweep_table({"points": points}, ["happy", "sad", "fear"])
     # Against every mix, on a random sweep of 7 classes and 6 scales.
     rng = np.random.default_rng(0)
     classes = [f"c{i}" for i in range(7)]

@@ -313,13 +313,15 @@ def class_scales_line(points: Sequence[dict[str, Any]], curve: str, scale: float
 
 
 def class_scales_within_diversity(points: Sequence[dict[str, Any]], curve: str,
-                                  tolerance: float = DIVERSITY_TOLERANCE) -> dict[str, Any] | None:
+                                  tolerance: float = DIVERSITY_TOLERANCE,
+                                  class_floor: float | None = None) -> dict[str, Any] | None:
     """Each class its own scale on one curve (0: no SG, read from the no-SG point), the mix of highest
     overall agreement whose diversity stays within ``tolerance`` of no SG's (``sampling.sg_class_scales``).
     Overall agreement and diversity are means over classes of equal size, and a class's faces do not
     depend on the other classes' scales, so every mix is read off the sweep's per-class figures: SG is
     spent on the classes where it buys agreement, not on those already legible. Scales up to the
-    curve's peak; None for sweeps without per-class diversity (made before it was read)."""
+    curve's peak; None for sweeps without per-class diversity (made before it was read). With
+    ``class_floor``, only mixes that read every class as asked at least that often (None if none does)."""
     plain = next((p for p in points if p["sg_scale"] == 0), None)
     on_curve = [p for p in points if curve_name(p) == curve and p["sg_scale"] > 0]
     if plain is None or not on_curve or any("diversity_by_class" not in p for p in [plain, *on_curve]):
@@ -331,8 +333,9 @@ def class_scales_within_diversity(points: Sequence[dict[str, Any]], curve: str,
     # on both can never be the best, so the front stays small (7 classes x 6 scales: dozens of mixes).
     front: list[tuple[float, float, tuple[float, ...]]] = [(0.0, 0.0, ())]
     for name in classes:
+        choices = [p for p in options if class_floor is None or p["agreement"][name] >= class_floor]
         grown = sorted(((agreement + p["agreement"][name], diversity + p["diversity_by_class"][name],
-                         scales + (p["sg_scale"],)) for agreement, diversity, scales in front for p in options),
+                         scales + (p["sg_scale"],)) for agreement, diversity, scales in front for p in choices),
                        key=lambda mix: (-mix[1], -mix[0]))
         front, best = [], -math.inf
         for mix in grown:
@@ -342,6 +345,8 @@ def class_scales_within_diversity(points: Sequence[dict[str, Any]], curve: str,
     floor = (1 - tolerance) * plain["diversity"]
     count = len(classes)
     allowed = [mix for mix in front if mix[1] / count >= floor - 1e-12]
+    if not allowed:
+        return None
     agreement, diversity, scales = max(allowed, key=lambda mix: (mix[0], mix[1]))
     chosen = dict(zip(classes, scales))
     by_class = {name: next(p for p in options if p["sg_scale"] == chosen[name])["agreement"][name] for name in classes}
@@ -356,19 +361,31 @@ def class_scales_text(scales: dict[str, float]) -> str:
 
 def class_scale_mix_lines(points: Sequence[dict[str, Any]]) -> list[str]:
     """Per curve, :func:`class_scales_within_diversity`'s mix as a table (none for older sweeps)."""
-    mixes = [mix for curve in dict.fromkeys(curve_name(p) for p in points if p["sg_scale"] > 0)
-             if (mix := class_scales_within_diversity(points, curve))]
+    curves = list(dict.fromkeys(curve_name(p) for p in points if p["sg_scale"] > 0))
+    mixes = [mix for curve in curves if (mix := class_scales_within_diversity(points, curve))]
     if not mixes:
         return []
+    # The same with every class read as asked at least CLASS_FLOOR of the time, where that fits.
+    floored = {curve: class_scales_within_diversity(points, curve, class_floor=CLASS_FLOOR) for curve in curves}
     lines = ["", f"Each class its own scale on one curve (`sampling.sg_target` and `sampling.sg_class_scales`, "
                  f"`sampling.sg_scale=0`; unnamed classes unguided), the mix of highest agreement within "
                  f"{DIVERSITY_TOLERANCE:.0%} of no SG's diversity (>= {mixes[0]['diversity_floor']:.4f}), read off "
                  f"each class's agreement and diversity at each point:", "",
              "| SG target | class scales | agreement | diversity | lowest class |", "|---|---|---|---|---|"]
     for mix in mixes:
-        lowest = min(mix["agreement_by_class"], key=mix["agreement_by_class"].get)
-        lines.append(f"| {mix['curve']} | `{class_scales_text(mix['scales'])}` | **{mix['agreement']:.1%}** | "
-                     f"{mix['diversity']:.4f} | {lowest} {mix['agreement_by_class'][lowest]:.0%} |")
+        rows = [(mix["curve"], mix)]
+        other = floored[mix["curve"]]
+        if other is None:
+            rows.append((f"{mix['curve']}, every class >= {CLASS_FLOOR:.0%}", None))
+        elif other["scales"] != mix["scales"]:
+            rows.append((f"{mix['curve']}, every class >= {CLASS_FLOOR:.0%}", other))
+        for name, chosen in rows:
+            if chosen is None:
+                lines.append(f"| {name} | none within the diversity | | | |")
+                continue
+            lowest = min(chosen["agreement_by_class"], key=chosen["agreement_by_class"].get)
+            lines.append(f"| {name} | `{class_scales_text(chosen['scales'])}` | **{chosen['agreement']:.1%}** | "
+                         f"{chosen['diversity']:.4f} | {lowest} {chosen['agreement_by_class'][lowest]:.0%} |")
     return lines
 
 
