@@ -113,7 +113,7 @@ def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJo
             resolve(config.precision, "cpu", field="precision")
     if sampling.sg_classifier:
         _check_classifier_dir(sampling.sg_classifier, "sampling.sg_classifier")
-    elif settings.guided and not (bundle_path / "sg_classifier").is_dir():
+    elif settings.uses_sg and not (bundle_path / "sg_classifier").is_dir():
         raise SynferError("sampling.sg_scale", sampling.sg_scale,
                           "0, or a guiding classifier: sampling.sg_classifier or the bundle's sg_classifier/")
     for index, voter in enumerate(config.labeling.voters):

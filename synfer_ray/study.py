@@ -724,10 +724,6 @@ def study_sg_point(sampling) -> tuple[str, float] | None:
     return sampling.sg_target + (" adaptive" if sampling.sg_adaptive else ""), sampling.sg_scale
 
 
-def _class_scales_text(scales: dict[str, float]) -> str:
-    return f" ({', '.join(f'{name} {scale:g}' for name, scale in scales.items())})" if scales else ""
-
-
 def _under_output(study: StudyConfig, path: str) -> str:
     """A stage's path as the report shows it: relative to the study's output, so that the report reads
     the same wherever the study ran; paths outside it (a given model) are shown whole."""
@@ -740,7 +736,10 @@ def _under_output(study: StudyConfig, path: str) -> str:
 def write_report(study: StudyConfig, results: dict, classes: Sequence[str], directory: Path,
                  complete: bool = True) -> Path:
     """``report.md`` and its pictures; ``complete=False`` while stages are still to come."""
+    from synfer_ray.train.generator_report import class_scales_text
     directory.mkdir(parents=True, exist_ok=True)
+    sampling = study.generation.sampling
+    class_scales = f", class scales {class_scales_text(sampling.sg_class_scales)}" if sampling.sg_class_scales else ""
     guide, evaluator = results["classifiers"]["guide"], results["classifiers"]["evaluator"]
     lines = [f"# {study.name}: SynFER's claims on real faces", "",
              *([] if complete else ["**In progress**: this report is rewritten as each stage finishes; tables "
@@ -749,7 +748,8 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
              f"{study.generation.per_class} images per class and condition, the same seeds, prompts and AUs in "
              f"every condition; sampling {study.generation.sampling.steps} {study.generation.sampling.scheduler} steps, CFG "
              f"{study.generation.sampling.cfg_scale}, SG scale {study.generation.sampling.sg_scale} on "
-             f"{study.generation.sampling.sg_target}{_class_scales_text(study.generation.sampling.sg_class_scales)}"
+             f"{study.generation.sampling.sg_target}"
+             f"{class_scales}"
              f"{' (adaptive: times 1 - p(target))' if study.generation.sampling.sg_adaptive else ''}, window "
              f"{study.generation.sampling.sg_window}; labeler tau {study.generation.tau}.", "",
              "## The classifiers", "",

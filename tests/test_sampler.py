@@ -134,8 +134,8 @@ def test_class_scales_steer_each_class_by_its_own_step(sampler, tiny_bundle):
     rows of a class with its own scale as if that scale were everyone's."""
     mixed = rows(tiny_bundle, "sad", seeds=(0, 1)) + rows(tiny_bundle, "happy", seeds=(2, 3))
     per_class = SamplerSettings(steps=8, sg_scale=4.0, sg_class_scales={"sad": 0.0, "happy": 16.0})
-    assert per_class.guided and per_class.sg_scale_of("happy") == 16 and per_class.sg_scale_of("anger") == 4
-    assert SamplerSettings(steps=8, sg_class_scales={"fear": 8.0}).guided  # one class steered is guidance
+    assert per_class.uses_sg and per_class.sg_scale_of("happy") == 16 and per_class.sg_scale_of("anger") == 4
+    assert SamplerSettings(steps=8, sg_class_scales={"fear": 8.0}).uses_sg  # one class steered is guidance
     steered = sampler.generate_float(mixed, per_class)
     unguided = sampler.generate_float(mixed, SamplerSettings(steps=8))
     everyone_16 = sampler.generate_float(mixed, SamplerSettings(steps=8, sg_scale=16.0))

@@ -75,7 +75,7 @@ class SamplerSettings:
             raise SynferError("sg_window", self.sg_window, "a fraction of the steps in [0, 1]")
 
     @property
-    def guided(self) -> bool:
+    def uses_sg(self) -> bool:
         """Whether semantic guidance runs at all: some row has a scale above 0."""
         return self.sg_scale > 0 or any(scale > 0 for _, scale in self.sg_class_scales)
 
@@ -134,7 +134,7 @@ class GuidedSampler:
             if request.reference is not None and request.reference.shape != (size, size, 3):
                 raise SynferError(f"rows[{i}].reference", request.reference.shape,
                                   f"an RGB uint8 image of shape ({size}, {size}, 3)")
-            if settings.guided:
+            if settings.uses_sg:
                 if self.sg_classifier is None:
                     raise SynferError("sg_scale", settings.sg_scale,
                                       "0, or a bundle with sg_classifier/ or a --sg-classifier path")
@@ -224,7 +224,7 @@ class GuidedSampler:
             latents[references] = inverted * scheduler.init_noise_sigma
         use_cfg = settings.cfg_scale != 1.0
         text_uncond = self._uncond_text(batch)
-        sg_at = guidance_steps(settings.steps, settings.sg_window) if settings.guided else set()
+        sg_at = guidance_steps(settings.steps, settings.sg_window) if settings.uses_sg else set()
         targets = step_sizes = None
         if sg_at:
             targets = torch.tensor([self.sg_classes.index(r.target) for r in requests], device=self.device)
