@@ -27,8 +27,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from synfer_ray.config import (ADDED_GENERATE_SETTINGS, GenerateConfig, GeneratorTrainConfig, StudyConfig,
-                               StudyStage, TrainConfig, TrackingConfig, build_config, load_config,
+from synfer_ray.config import (ADDED_GENERATE_SETTINGS, DEFAULT_SG_TARGET, GenerateConfig, GeneratorTrainConfig,
+                               StudyConfig, StudyStage, TrainConfig, TrackingConfig, build_config, load_config,
                                without_added_settings)
 from synfer_ray.errors import SynferError
 from synfer_ray.evaluate import diversity_from_sums, headline_figures
@@ -225,7 +225,7 @@ def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str]
     ``accepted_per_class`` asks for accepted rows (top-up passes) instead of ``count`` rows, within
     ``max_rows`` rows made."""
     sampling = study.generation.sampling
-    labeled = condition.endswith("_labeler")
+    labeled, guided = condition.endswith("_labeler"), "_sg" in condition
     raw = {
         "bundle": bundles["labeler" if labeled else "generator"], "output": output, "count": count, "seed": seed,
         "class_assignment": "cycled", "accepted_per_class": accepted_per_class,
@@ -234,10 +234,13 @@ def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str]
         "precision": study.generation.precision,
         "sampling": {"scheduler": sampling.scheduler, "steps": sampling.steps, "cfg_scale": sampling.cfg_scale,
                      "au_scale": 0.0 if condition == "text" else sampling.au_scale,
-                     "sg_scale": sampling.sg_scale if "_sg" in condition else 0.0,
-                     "sg_window": sampling.sg_window, "sg_target": sampling.sg_target,
-                     "sg_adaptive": sampling.sg_adaptive, "sg_classifier": guide,
-                     "sg_class_scales": sampling.sg_class_scales if "_sg" in condition else {}},
+                     "sg_window": sampling.sg_window, "sg_classifier": guide,
+                     # Without SG the SG settings change no face: left at their defaults, they leave the
+                     # unguided conditions' stage keys alone when only the SG settings change.
+                     "sg_scale": sampling.sg_scale if guided else 0.0,
+                     "sg_target": sampling.sg_target if guided else DEFAULT_SG_TARGET,
+                     "sg_adaptive": sampling.sg_adaptive and guided,
+                     "sg_class_scales": sampling.sg_class_scales if guided else {}},
         "labeling": ({"voters": [{"path": guide, "name": "guide"}], "bundle_labeler": True,
                       "tau": study.generation.tau, "mirror_average": study.generation.mirror_average}
                      if labeled else {"voters": [], "bundle_labeler": False}),

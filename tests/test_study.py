@@ -273,14 +273,21 @@ def test_class_scales_reach_the_guided_conditions_and_not_the_sweeps_key(tmp_pat
            "labeler": {"model": "l"}, "downstream": {"real_rows": 100, "train": {"model": "t"}},
            "sweep": {"targets": ["au"], "scales": [8]}}
 
-    def generate(condition: str, scales: dict):
-        raw["generation"] = {"sampling": {"sg_scale": 8.0, "sg_class_scales": scales}}
+    def generate(condition: str, scales: dict, target: str = "au"):
+        raw["generation"] = {"sampling": {"sg_scale": 8.0, "sg_class_scales": scales, "sg_target": target}}
         return condition_config(build_config(StudyConfig, raw), condition, {"generator": "b", "labeler": "l"},
                                 "g", 70, 0, "out", TrackingConfig(enabled=False))
     off, on = generate("text_au_sg", {}), generate("text_au_sg", {"fear": 32.0})
     assert on.sampling.sg_class_scales == {"fear": 32.0} and generate("text_au_sg_labeler", {"fear": 32.0}) \
         .sampling.sg_class_scales == {"fear": 32.0}
     assert generate("text_au", {"fear": 32.0}).sampling.sg_class_scales == {}  # no SG there: no class steered
+
+    def key(config):
+        return config_hash(_generate_fields(config, {"output"}))
+    # Without SG the SG settings change no face, nor the unguided conditions' keys (cached stages stay).
+    for condition in ("text", "text_au"):
+        assert key(generate(condition, {"fear": 32.0}, "both")) == key(generate(condition, {}, "au"))
+    assert key(generate("text_au_sg", {}, "both")) != key(generate("text_au_sg", {}, "au"))
     # Empty, the key is the one stages cached before the setting existed; set, the stage is a new one.
     assert "sg_class_scales" not in _generate_fields(off, {"output"})["sampling"]
     assert config_hash(_generate_fields(on, {"output"})) != config_hash(_generate_fields(off, {"output"}))
