@@ -72,7 +72,7 @@ class StageCache:
             result = json.loads(done.read_text())
             # Stages made before their time was recorded: the config is written as make() starts.
             seconds = result.get("seconds", done.stat().st_mtime - started.stat().st_mtime)
-            self.times.append({"stage": directory.name, "seconds": seconds, "parts": result.get("parts"),
+            self.times.append({"stage": directory.name, "seconds": seconds, "parts": result.get("stage_parts"),
                                "cached": True})
             return {**result, "cached": True}
         directory.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,8 @@ class StageCache:
         made = make(directory)
         parts[-1]["seconds"] = time.monotonic() - start
         (directory / self.PARTS_NAME).write_text(json.dumps(parts))
-        result = {**made, "seconds": sum(part["seconds"] for part in parts), "parts": len(parts)}
+        # stage_parts, not parts: a classifier stage's result already has parts (its data halves).
+        result = {**made, "seconds": sum(part["seconds"] for part in parts), "stage_parts": len(parts)}
         done.write_text(json.dumps(result, indent=2, default=str))
         self.times.append({"stage": directory.name, "seconds": result["seconds"], "parts": len(parts),
                            "cached": False})

@@ -77,10 +77,10 @@ def test_a_stage_stopped_and_continued_records_the_time_of_every_part(tmp_path):
 
     def continued(directory):
         assert (directory / "shard-0.parquet").is_file()  # the first part's work is kept
-        return {"rows": 2}
+        return {"rows": 2, "parts": ["1/2"]}  # a result's own fields (a classifier's data halves) are kept
     result = cache.run("headline", {"a": 1}, continued)
-    assert result["parts"] == 2 and 30 <= result["seconds"] < 35
-    assert cache.times[-1]["parts"] == 2
+    assert result["stage_parts"] == 2 and 30 <= result["seconds"] < 35
+    assert cache.times[-1]["parts"] == 2 and result["parts"] == ["1/2"]
     assert StageCache(tmp_path).run("headline", {"a": 1}, continued)["seconds"] == result["seconds"]
     from synfer_ray.study import stage_time_lines
     assert f"| `{directory.name}` | 0.5 | 2 |" in stage_time_lines(cache.times)
