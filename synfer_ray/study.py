@@ -723,9 +723,10 @@ def sweep_lines(results: dict, classes: Sequence[str], directory: Path,
 def study_sg_point(sampling) -> tuple[str, float] | None:
     """The study's SG setting (a SamplingConfig) as a sweep curve and scale, where the report reads
     which classes stay weak."""
+    from synfer_ray.train.generator_report import curve_name
     if not sampling.sg_scale:
         return None
-    return sampling.sg_target + (" adaptive" if sampling.sg_adaptive else ""), sampling.sg_scale
+    return curve_name({"sg_target": sampling.sg_target, "sg_adaptive": sampling.sg_adaptive}), sampling.sg_scale
 
 
 def _under_output(study: StudyConfig, path: str) -> str:

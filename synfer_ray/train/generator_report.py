@@ -242,6 +242,12 @@ def point_name(point: dict[str, Any]) -> str:
     return f"{curve_name(point).replace(' ', '_')}_{point['sg_scale']:g}"
 
 
+def curve_peak(points: Sequence[dict[str, Any]], curve: str) -> float:
+    """The scale of a curve's highest agreement: past it SG breaks faces, and rules read scales up to it."""
+    return max((p for p in points if curve_name(p) == curve and p["sg_scale"] > 0),
+               key=lambda p: p["agreement"]["overall"])["sg_scale"]
+
+
 def best_within_diversity(points: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The point of highest agreement whose diversity is within DIVERSITY_TOLERANCE of no SG's:
     how the shipped default is chosen. Only scales up to each target's peak agreement count: past
@@ -250,12 +256,8 @@ def best_within_diversity(points: Sequence[dict[str, Any]]) -> dict[str, Any] | 
     if plain is None:
         return None
     floor = (1 - DIVERSITY_TOLERANCE) * plain["diversity"]
-    peaks = {}
-    for point in points:
-        best = peaks.get(curve_name(point))
-        if best is None or point["agreement"]["overall"] > best["agreement"]["overall"]:
-            peaks[curve_name(point)] = point
-    rising = [p for p in points if p["sg_scale"] <= peaks[curve_name(p)]["sg_scale"]]
+    peaks = {curve: curve_peak(points, curve) for curve in {curve_name(p) for p in points if p["sg_scale"] > 0}}
+    rising = [p for p in points if p["sg_scale"] == 0 or p["sg_scale"] <= peaks[curve_name(p)]]
     allowed = [p for p in rising if p["diversity"] >= floor]
     best = max(allowed, key=lambda p: p["agreement"]["overall"])
     return {"sg_target": best["sg_target"], "sg_adaptive": bool(best.get("sg_adaptive")),
@@ -278,7 +280,7 @@ def class_scales_to_floor(points: Sequence[dict[str, Any]], curve: str, scale: f
     base = next((p for p in on_curve if p["sg_scale"] == scale), None)
     if base is None:
         return {}
-    peak = max(on_curve, key=lambda p: p["agreement"]["overall"])["sg_scale"]
+    peak = curve_peak(points, curve)
     weak = {}
     for name, share in base["agreement"].items():
         if name == "overall" or share >= floor:
@@ -326,7 +328,7 @@ def class_scales_within_diversity(points: Sequence[dict[str, Any]], curve: str,
     on_curve = [p for p in points if curve_name(p) == curve and p["sg_scale"] > 0]
     if plain is None or not on_curve or any("diversity_by_class" not in p for p in [plain, *on_curve]):
         return None
-    peak = max(on_curve, key=lambda p: p["agreement"]["overall"])["sg_scale"]
+    peak = curve_peak(points, curve)
     options = [plain] + [p for p in on_curve if p["sg_scale"] <= peak]
     classes = list(plain["diversity_by_class"])
     # The Pareto front of (agreement sum, diversity sum) over the classes so far: a mix another beats
