@@ -381,6 +381,12 @@ def test_the_default_rule_ignores_scales_past_a_targets_peak():
         p.update(seconds=1.0)
     stale = {"points": points, "best_within_diversity": {"sg_target": "au", "sg_scale": 128}}
     assert sweep_table(stale, ["happy"]).rstrip().endswith("text SG 8, 68.6%.")  # no per-class readings
+    # An evaluator that agrees with fewer than two faces of every class has no diversity among them
+    # (the scaled-down study's did): the cell says so instead of printing nan.
+    few = {"points": [{**p, "agreement": {**p["agreement"], "happy": 0.5}, "diversity_agreed": float("nan"),
+                       "pixel_diversity": 0.5} for p in points]}
+    table = sweep_table(few, ["happy"])
+    assert "nan" not in table and "| 0.2028 | too few faces | 0.5000 | 1 |" in table
     # Each step rule is a curve of its own: adaptive AU still rises at 128, so its 128 counts while
     # fixed AU's 128 (past that curve's peak) does not.
     adaptive = [{**point("au", 64, 0.866, 0.1378), "sg_adaptive": True},

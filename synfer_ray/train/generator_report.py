@@ -391,6 +391,15 @@ def class_scale_mix_lines(points: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# A diversity compares faces of a class in pairs: with fewer than two in every class (among agreed
+# faces, where the evaluator agrees with almost none) there is no reading, and the cell says why.
+TOO_FEW_FACES = "too few faces"
+
+
+def _diversity_cell(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else TOO_FEW_FACES
+
+
 def _class_cells(shares: dict[str, float], classes: Sequence[str]) -> str:
     return " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
 
@@ -405,17 +414,17 @@ def sweep_table(report: dict[str, Any], classes: Sequence[str], setting: tuple[s
     for point in report["points"]:
         shares = point["agreement"]
         # Sweeps from before the two class-blind readings existed show n/a there.
-        extra = " | ".join(f"{point[key]:.4f}" if key in point else "n/a"
+        extra = " | ".join(_diversity_cell(point[key]) if key in point else "n/a"
                            for key in ("diversity_agreed", "pixel_diversity"))
         lines.append(f"| {curve_name(point)} | {point['sg_scale']:g} | **{shares['overall']:.1%}** | "
                      + _class_cells(shares, classes)
-                     + f" | {point['diversity']:.4f} | {extra} | {point['seconds']:.0f} |")
+                     + f" | {_diversity_cell(point['diversity'])} | {extra} | {point['seconds']:.0f} |")
     reference = report.get("real_reference")
     if reference:
         shares = reference["agreement"]
         lines.append(f"| real faces | | *{shares['overall']:.1%}* | " + _class_cells(shares, classes)
-                     + f" | {reference['diversity']:.4f} | {reference['diversity_agreed']:.4f} | "
-                       f"{reference['pixel_diversity']:.4f} | |")
+                     + " | " + " | ".join(_diversity_cell(reference[key]) for key in
+                                          ("diversity", "diversity_agreed", "pixel_diversity")) + " | |")
     # From the points, not a stored pick: a sweep cached before the rule changed reads by today's rule.
     best = best_within_diversity(report["points"])
     if best:
