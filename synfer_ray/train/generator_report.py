@@ -36,9 +36,13 @@ def sample_grid_requests(classes: Sequence[str], au_names: Sequence[str], per_cl
     return requests
 
 
-def agreement_by_class(probabilities: np.ndarray, targets: Sequence[str], classes: Sequence[str]) -> dict[str, float]:
-    """Share of samples whose argmax class is their target, per target class and overall."""
-    predicted = np.asarray(classes)[probabilities.argmax(axis=1)]
+def predicted_classes(probabilities: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Each sample's argmax class, by name."""
+    return np.asarray(classes)[probabilities.argmax(axis=1)]
+
+
+def agreement_by_class(predicted: np.ndarray, targets: Sequence[str]) -> dict[str, float]:
+    """Share of samples whose predicted class is their target, per target class and overall."""
     targets = np.asarray(targets)
     shares = {name: float((predicted[targets == name] == name).mean()) for name in dict.fromkeys(targets)}
     shares["overall"] = float((predicted == targets).mean())
@@ -114,7 +118,7 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
     if quality.evaluator:
         evaluator = load_classifier(quality.evaluator, field="quality.evaluator").to(device)
         probabilities = predict_probabilities(evaluator, images)
-        shares = agreement_by_class(probabilities, targets, evaluator.classes)
+        shares = agreement_by_class(predicted_classes(probabilities, evaluator.classes), targets)
         report["evaluator_agreement"] = shares
         report["evaluator_confidence"] = float(probabilities.max(axis=1).mean())
         metrics.update({f"quality_agreement_{name}": share for name, share in shares.items()})
@@ -185,8 +189,9 @@ def face_readings(evaluator, images: np.ndarray, asked: Sequence[str]) -> dict[s
     probabilities = predict_probabilities(evaluator, images)
     asked_array = np.asarray(asked)
     embeddings = embed_images(evaluator, images)
-    agreed = np.asarray(evaluator.classes)[probabilities.argmax(axis=1)] == asked_array
-    return {"agreement": agreement_by_class(probabilities, asked, evaluator.classes),
+    predicted = predicted_classes(probabilities, evaluator.classes)
+    agreed = predicted == asked_array
+    return {"agreement": agreement_by_class(predicted, asked_array),
             "diversity": within_class_diversity(embeddings, asked_array),
             "diversity_by_class": diversity_by_class(embeddings, asked_array),
             "diversity_agreed": within_class_diversity(embeddings[agreed], asked_array[agreed]),
