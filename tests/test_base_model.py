@@ -97,7 +97,8 @@ def test_make_random_sd15_writes_the_configs_of_stable_diffusion_15(sd15):
 def test_generate_makes_256px_images_with_the_sd15_architecture(sd15, ray_cluster, tmp_path):
     output = tmp_path / "dataset"
     invoke("generate", "--config", "tiny", f"bundle={sd15}", f"output={output}", "count=2", "rows_per_shard=2",
-           "sampling.steps=2", "sampling.sg_scale=0", f"labeling.voters=[{{path: {sd15 / 'sg_classifier'}}}]",
+           "sampling.steps=2", "sampling.sg_scale=0", "sampling.sg_class_scales={}",
+           f"labeling.voters=[{{path: {sd15 / 'sg_classifier'}}}]",
            "generator.min_actors=1", "generator.max_actors=1", "generator.batch_size=2", "generator.torch_threads=2",
            "tracking.enabled=false")
     rows = pq.read_table(output / "data", columns=["image", "sample_id"]).to_pylist()
@@ -188,7 +189,8 @@ def test_generate_from_the_fine_tuned_bundle(lora_run, ray_cluster, tmp_path):
     output, _, _ = lora_run
     dataset = tmp_path / "dataset"
     invoke("generate", "--config", "tiny", f"bundle={output / 'bundle'}", f"output={dataset}", "count=4",
-           "rows_per_shard=4", "sampling.steps=2", "sampling.sg_scale=0", "labeling.voters=[]",
+           "rows_per_shard=4", "sampling.steps=2", "sampling.sg_scale=0", "sampling.sg_class_scales={}",
+           "labeling.voters=[]",
            "generator.min_actors=1", "generator.max_actors=1", "tracking.enabled=false")
     table = pq.read_table(dataset / "data", columns=["image", "bundle_hash"])
     assert table.num_rows == 4
