@@ -8,6 +8,7 @@ import yaml
 
 from synfer_ray.config import (AdapterTrainConfig, GenerateConfig, GeneratorTrainConfig, PipelineConfig, ServeConfig,
                                StudyConfig, TrainConfig, build_config, load_config)
+from synfer_ray.generator.sampler import SamplerSettings
 from synfer_ray.presets import preset_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,12 @@ def test_serve_app_config_is_valid_for_ray_serve_and_for_us():
 def test_tiny_preset_validates_and_overrides_apply():
     config = load_config(GenerateConfig, preset_path("tiny"), ["count=10", "sampling.steps=3"])
     assert config.count == 10 and config.sampling.steps == 3
+    # Its per-class SG mix names faces-48's classes (generate refuses unknown names), and no SG at all
+    # takes clearing the mix as well as sg_scale 0.
+    from synfer_ray.bundle import BundleManifest
+    assert set(config.sampling.sg_class_scales) <= set(BundleManifest.read(ROOT / "models" / "faces-48").classes)
+    off = load_config(GenerateConfig, preset_path("tiny"), ["sampling.sg_scale=0", "sampling.sg_class_scales={}"])
+    assert not SamplerSettings.from_config(off.sampling).uses_sg and SamplerSettings.from_config(config.sampling).uses_sg
 
 
 def test_overrides_reach_into_lists_and_name_bad_keys():
