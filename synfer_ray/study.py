@@ -32,7 +32,8 @@ from synfer_ray.config import (ADDED_GENERATE_SETTINGS, DEFAULT_SG_TARGET, Gener
                                without_added_settings)
 from synfer_ray.errors import SynferError
 from synfer_ray.evaluate import diversity_from_sums, headline_figures
-from synfer_ray.train.generator_report import point_name
+from synfer_ray.train.generator_report import (class_scales_text, curve_name, point_name, real_reference,
+                                               sg_sweep, sweep_table)
 
 CONDITION_TITLES = {"text": "(a) text only", "text_au": "(b) text + AU", "text_au_sg": "(c) text + AU + SG",
                     "text_au_sg_labeler": "(d) text + AU + SG + labeler"}
@@ -378,7 +379,6 @@ def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, c
     if study.sweep is None:
         return None
     from synfer_ray.bundle import BundleManifest
-    from synfer_ray.train.generator_report import sg_sweep
     base = sweep_base_settings(study)
     payload = sweep_key(study, BundleManifest.read(Path(bundle)).content_hash, guide["weights_sha256"],
                         evaluator["weights_sha256"])
@@ -399,7 +399,6 @@ def real_reference_stage(study: StudyConfig, bundle: str, evaluator: dict, cache
     sweep cached before it existed stays valid."""
     from synfer_ray.bundle import BundleManifest
     from synfer_ray.classifiers import load_classifier
-    from synfer_ray.train.generator_report import real_reference
     manifest = BundleManifest.read(Path(bundle))
     payload = {"real_test": study.real_test,
                "evaluator": evaluator["weights_sha256"], "classes": list(manifest.classes),
@@ -701,7 +700,6 @@ def sweep_lines(results: dict, classes: Sequence[str], directory: Path,
     sweep = results.get("sweep")
     if not sweep:
         return []
-    from synfer_ray.train.generator_report import sweep_table
     sheets = []
     for point in sweep["points"]:
         name = f"sweep_{point_name(point)}.png"
@@ -723,7 +721,6 @@ def sweep_lines(results: dict, classes: Sequence[str], directory: Path,
 def study_sg_point(sampling) -> tuple[str, float] | None:
     """The study's SG setting (a SamplingConfig) as a sweep curve and scale, where the report reads
     which classes stay weak."""
-    from synfer_ray.train.generator_report import curve_name
     if not sampling.sg_scale:
         return None
     return curve_name({"sg_target": sampling.sg_target, "sg_adaptive": sampling.sg_adaptive}), sampling.sg_scale
@@ -741,7 +738,6 @@ def _under_output(study: StudyConfig, path: str) -> str:
 def write_report(study: StudyConfig, results: dict, classes: Sequence[str], directory: Path,
                  complete: bool = True) -> Path:
     """``report.md`` and its pictures; ``complete=False`` while stages are still to come."""
-    from synfer_ray.train.generator_report import class_scales_text
     directory.mkdir(parents=True, exist_ok=True)
     sampling = study.generation.sampling
     class_scales = f", class scales {class_scales_text(sampling.sg_class_scales)}" if sampling.sg_class_scales else ""
