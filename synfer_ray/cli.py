@@ -185,6 +185,36 @@ def bundle_sg_sweep(
     typer.echo(f"report: {out / 'sweep.md'} ({len(report['points'])} points)")
 
 
+@bundle_app.command("sg-pool")
+def bundle_sg_pool(
+    sweeps: list[Path] = typer.Argument(..., help="Two or more sg-sweep output directories of one bundle, "
+                                                  "evaluator and sampler, made at different --seed values."),
+    out: Path = typer.Option(..., help="Directory for the pooled sweep.json and sweep.md."),
+) -> None:
+    """Several seeds' sweeps read as one: every point's readings averaged, the default rule and the
+    per-class mixes read off all their faces (fewer lucky picks than one seed's 50 faces a class)."""
+    from synfer_ray.train.generator_report import pooled_sweep, sweep_table
+    try:
+        reports = []
+        for directory in sweeps:
+            path = directory / "sweep.json"
+            if not path.is_file():
+                raise SynferError("sweeps", str(directory), "directories written by `synfer bundle sg-sweep` "
+                                                            "(each holds sweep.json)")
+            reports.append(json.loads(path.read_text()))
+        pooled = pooled_sweep(reports)
+    except SynferError as error:
+        _fail(error)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = [name for name in pooled["points"][0]["agreement"] if name != "overall"]
+    (out / "sweep.json").write_text(json.dumps({**pooled, "pooled_from": [str(d) for d in sweeps]}, indent=2))
+    (out / "sweep.md").write_text(f"Pooled from {len(sweeps)} sweeps (seeds {', '.join(map(str, pooled['seeds']))}): "
+                                  f"{pooled['per_class']} faces a class at every point.\n\n"
+                                  + sweep_table(pooled, classes))
+    typer.echo((out / "sweep.md").read_text())
+    typer.echo(f"report: {out / 'sweep.md'} ({len(pooled['points'])} points, seeds {pooled['seeds']})")
+
+
 @bundle_app.command("info")
 def bundle_info(path: Path = typer.Argument(..., help="Bundle directory.")) -> None:
     """Print a bundle's manifest after checking its content hash."""
@@ -499,6 +529,65 @@ def evaluate(
     if out:
         for path in write_report(report, out):
             typer.echo(str(path))
+
+
+@app.command("score")
+def score(
+    datasets: list[str] = typer.Argument(..., help="Finished synfer datasets, read as one (a setting at several "
+                                                   "seeds)."),
+    evaluator: Path = typer.Option(..., help="A FER classifier trained on real faces (not the generator's guide)."),
+    baseline: list[str] = typer.Option([], help="Datasets of the same seeds made another way, e.g. without SG "
+                                                "(repeatable): the change against them."),
+    out: Optional[Path] = typer.Option(None, help="Write score.json here."),
+) -> None:
+    """How a real-faces evaluator reads generated faces: the share read as the class asked of them
+    (overall and per class) and within-class diversity; with --baseline, the change against it.
+    SG's held-out check: the faces users get from `synfer generate`, on seeds no sweep saw."""
+    from synfer_ray.classifiers import load_classifier
+    from synfer_ray.config import RayConfig
+    from synfer_ray.data.faces import resolve_source
+    from synfer_ray.pipeline import ensure_ray
+    from synfer_ray.study import score_dataset
+    try:
+        classes = None
+        for field, paths in (("datasets", datasets), ("--baseline", baseline)):
+            if len({Path(path).resolve() for path in paths}) < len(paths):
+                raise SynferError(field, paths, "each dataset once (the same rows read twice count once)")
+            for path in paths:
+                if not resolve_source(path, field).synthetic:
+                    raise SynferError(field, path, "a finished synfer dataset (a `synfer generate` output "
+                                                   "directory with dataset.json)")
+                card = json.loads((Path(path) / "dataset.json").read_text())
+                classes = classes or card["classes"]
+                if card["classes"] != classes:
+                    raise SynferError(field, path, f"datasets of one bundle's classes {classes}; it has "
+                                                   f"{card['classes']}")
+        load_classifier(evaluator, field="--evaluator")  # refused here, before any actor starts
+    except SynferError as error:
+        _fail(error)
+    ensure_ray(RayConfig())
+    scores = {"datasets": datasets, "evaluator": str(evaluator),
+              "score": score_dataset(datasets, str(evaluator), classes)}
+    if baseline:
+        scores["baseline_datasets"] = baseline
+        scores["baseline"] = score_dataset(baseline, str(evaluator), classes)
+    for name in ("score", "baseline"):
+        if name in scores:
+            figures = scores[name]
+            by_class = ", ".join(f"{c} {share:.0%}" for c, share in figures["fer_accuracy_per_class"].items())
+            typer.echo(f"{'faces' if name == 'score' else 'baseline'}: {figures['rows']} rows, read as asked "
+                       f"{figures['fer_accuracy']:.1%} ({by_class}), diversity {figures['diversity']:.4f}")
+    if baseline:
+        made, plain = scores["score"], scores["baseline"]
+        scores["against_baseline"] = {"agreement_points": 100 * (made["fer_accuracy"] - plain["fer_accuracy"]),
+                                      "diversity_change": made["diversity"] / plain["diversity"] - 1}
+        change = scores["against_baseline"]
+        typer.echo(f"against the baseline: {change['agreement_points']:+.1f} points read as asked, diversity "
+                   f"{change['diversity_change']:+.1%}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "score.json").write_text(json.dumps(scores, indent=2))
+        typer.echo(f"report: {out / 'score.json'}")
 
 
 @app.command("serve")

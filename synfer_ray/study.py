@@ -324,11 +324,13 @@ def _add(total: dict, part: dict) -> dict:
     return total
 
 
-def score_dataset(dataset: str, evaluator_path: str, classes: Sequence[str]) -> dict:
-    """The evaluator's view of a generated set: FER accuracy, label agreement, confidence, diversity.
-    Scored inside Ray Data by evaluator actors; the driver adds up per-batch sums."""
+def score_dataset(dataset: str | Sequence[str], evaluator_path: str, classes: Sequence[str]) -> dict:
+    """The evaluator's view of a generated set (or of several read as one): FER accuracy, label
+    agreement, confidence, diversity. Scored inside Ray Data by evaluator actors; the driver adds up
+    per-batch sums."""
     import ray.data
-    scored = ray.data.read_parquet(str(Path(dataset) / "data"),
+    datasets = [dataset] if isinstance(dataset, str) else list(dataset)
+    scored = ray.data.read_parquet([str(Path(path) / "data") for path in datasets],
                                    columns=["image", "target", "label", "accepted", "confidence"]).map_batches(
         ScoreRows, batch_size=256, batch_format="numpy", fn_constructor_kwargs={
             "evaluator_path": evaluator_path, "classes": tuple(classes)},

@@ -260,6 +260,48 @@ def test_inspect_finds_a_changed_shard(first_run, tmp_path):
     assert result.exit_code == 1 and "sha256 differs" in result.output
 
 
+@pytest.mark.slow
+def test_score_reads_generated_faces_by_an_evaluator_against_a_baseline(first_run, second_voter, tmp_path):
+    from typer.testing import CliRunner
+
+    from synfer_ray.classifiers import embed_images, load_classifier, predict_probabilities
+    from synfer_ray.cli import app
+    from synfer_ray.evaluate import diversity_by_class
+    from synfer_ray.images import decode_rgb
+    import shutil
+    output, card = first_run
+    # The dataset and a copy, read as one, against the dataset as the baseline: every row counted
+    # twice, the same shares, no change.
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    result = CliRunner().invoke(app, ["score", str(output), str(copy), "--evaluator", str(second_voter),
+                                      "--baseline", str(output), "--out", str(tmp_path / "score")])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "score" / "score.json").read_text())
+    made, plain = scores["score"], scores["baseline"]
+    assert made["rows"] == 2 * COUNT and plain["rows"] == COUNT
+    # What the evaluator reads, computed here in memory from the same rows.
+    table = pq.read_table(output / "data", columns=["image", "target"])
+    images = np.stack([decode_rgb(data) for data in table.column("image").to_pylist()])
+    targets = np.asarray(table.column("target").to_pylist())
+    evaluator = load_classifier(second_voter)
+    read = np.asarray(evaluator.classes)[predict_probabilities(evaluator, images).argmax(axis=1)]
+    assert made["fer_accuracy"] == pytest.approx((read == targets).mean())
+    by_class = diversity_by_class(embed_images(evaluator, images), targets)
+    assert plain["diversity"] == pytest.approx(np.mean(list(by_class.values())), abs=1e-4)
+    assert scores["against_baseline"]["agreement_points"] == pytest.approx(0)
+    assert "against the baseline: +0.0 points read as asked" in result.output
+    # Refused before any Ray work, naming the argument: real faces are not a generated set, and the
+    # evaluator must load.
+    bad = CliRunner().invoke(app, ["score", str(output), "--evaluator", str(second_voter),
+                                   "--baseline", str(output / "data")])
+    assert bad.exit_code != 0 and "--baseline" in bad.output and "dataset.json" in bad.output
+    bad = CliRunner().invoke(app, ["score", str(output), str(output), "--evaluator", str(second_voter)])
+    assert bad.exit_code != 0 and "datasets" in bad.output and "once" in bad.output
+    bad = CliRunner().invoke(app, ["score", str(output), "--evaluator", str(tmp_path / "no-model")])
+    assert bad.exit_code != 0 and "--evaluator" in bad.output
+
+
 # --- accepted-count targets: the shipped faces-48 bundle, whose classes its guide accepts at very
 # different rates (happy and sad often, disgust almost never) -------------------------------------
 

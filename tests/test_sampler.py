@@ -294,6 +294,36 @@ def test_sg_sweep_reports_every_target_and_scale_from_the_same_seeds(tiny_bundle
     bad = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "bad"), "--real-faces",
                                    str(tmp_path / "no-such.parquet")])
     assert bad.exit_code != 0 and "--real-faces" in bad.output and not (tmp_path / "bad").exists()
+    # Another seed's sweep of one of those points, pooled with the first: the points both have, each
+    # reading the mean of the two (classes of equal size: the share over all their faces).
+    other = tmp_path / "seed-2"
+    result = CliRunner().invoke(app, [*args[:5], "--out", str(other), "--per-class", "2", "--steps", "3",
+                                      "--target", "au", "--scale", "5", "--seed", "777"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["bundle", "sg-pool", str(tmp_path), str(other), "--out", str(tmp_path / "pool")])
+    assert result.exit_code == 0, result.output
+    second = json.loads((other / "sweep.json").read_text())
+    pooled = json.loads((tmp_path / "pool" / "sweep.json").read_text())
+    assert [(p["sg_target"], p["sg_scale"]) for p in pooled["points"]] == [("none", 0.0), ("au", 5.0)]
+    assert pooled["seeds"] == [10_000, 777] and pooled["per_class"] == 4
+    for point, one, two in zip(pooled["points"], [report["points"][0], report["points"][3]], second["points"]):
+        assert point["agreement"]["overall"] == pytest.approx((one["agreement"]["overall"]
+                                                               + two["agreement"]["overall"]) / 2)
+        assert point["diversity_by_class"]["sad"] == pytest.approx((one["diversity_by_class"]["sad"]
+                                                                    + two["diversity_by_class"]["sad"]) / 2)
+    text = (tmp_path / "pool" / "sweep.md").read_text()
+    assert text.startswith("Pooled from 2 sweeps (seeds 10000, 777): 4 faces a class") and "| au | 5 |" in text
+    # The same seed twice adds no reading; other sampler settings are not the same sweep.
+    bad = CliRunner().invoke(app, ["bundle", "sg-pool", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "sweep seed" in bad.output and not (tmp_path / "bad").exists()
+    steps = json.loads((other / "sweep.json").read_text())
+    steps["settings"]["steps"] = 4
+    (other / "sweep.json").write_text(json.dumps(steps))
+    bad = CliRunner().invoke(app, ["bundle", "sg-pool", str(tmp_path), str(other), "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "sweep settings" in bad.output and "--seed" in bad.output
+    bad = CliRunner().invoke(app, ["bundle", "sg-pool", str(tmp_path), str(tmp_path / "nothing"),
+                                   "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "sg-sweep" in bad.output and not (tmp_path / "bad").exists()
 
 
 def test_sg_sweep_compares_fixed_and_adaptive_steps_on_the_same_seeds(tiny_bundle_path, separable_parquet,
