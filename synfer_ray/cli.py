@@ -190,11 +190,16 @@ def bundle_sg_pool(
     sweeps: list[Path] = typer.Argument(..., help="Two or more sg-sweep output directories of one bundle, "
                                                   "evaluator and sampler, made at different --seed values."),
     out: Path = typer.Option(..., help="Directory for the pooled sweep.json and sweep.md."),
+    tolerance: float = typer.Option(0.10, help="Diversity SG may cost against no SG, for the rule's pick and "
+                                               "the per-class mixes; under the target's bound it leaves a "
+                                               "margin for the pick's luck (faces-48's preset: 0.08)."),
 ) -> None:
     """Several seeds' sweeps read as one: every point's readings averaged, the default rule and the
     per-class mixes read off all their faces (fewer lucky picks than one seed's 50 faces a class)."""
     from synfer_ray.train.generator_report import pooled_sweep, sweep_table
     try:
+        if not 0 < tolerance < 1:
+            raise SynferError("--tolerance", tolerance, "a share of no SG's diversity between 0 and 1, e.g. 0.08")
         reports = []
         for directory in sweeps:
             path = directory / "sweep.json"
@@ -207,10 +212,11 @@ def bundle_sg_pool(
         _fail(error)
     out.mkdir(parents=True, exist_ok=True)
     classes = [name for name in pooled["points"][0]["agreement"] if name != "overall"]
-    (out / "sweep.json").write_text(json.dumps({**pooled, "pooled_from": [str(d) for d in sweeps]}, indent=2))
+    (out / "sweep.json").write_text(json.dumps({**pooled, "pooled_from": [str(d) for d in sweeps],
+                                                   "tolerance": tolerance}, indent=2))
     (out / "sweep.md").write_text(f"Pooled from {len(sweeps)} sweeps (seeds {', '.join(map(str, pooled['seeds']))}): "
                                   f"{pooled['per_class']} faces a class at every point.\n\n"
-                                  + sweep_table(pooled, classes))
+                                  + sweep_table(pooled, classes, tolerance=tolerance))
     typer.echo((out / "sweep.md").read_text())
     typer.echo(f"report: {out / 'sweep.md'} ({len(pooled['points'])} points, seeds {pooled['seeds']})")
 

@@ -313,6 +313,14 @@ def test_sg_sweep_reports_every_target_and_scale_from_the_same_seeds(tiny_bundle
                                                                     + two["diversity_by_class"]["sad"]) / 2)
     text = (tmp_path / "pool" / "sweep.md").read_text()
     assert text.startswith("Pooled from 2 sweeps (seeds 10000, 777): 4 faces a class") and "| au | 5 |" in text
+    # A margin under the 10% bound for the pick's luck: the rule and the mixes read at 5%.
+    result = CliRunner().invoke(app, ["bundle", "sg-pool", str(tmp_path), str(other), "--out", str(tmp_path / "pool"),
+                                      "--tolerance", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert "within 5% of no SG" in (tmp_path / "pool" / "sweep.md").read_text()
+    bad = CliRunner().invoke(app, ["bundle", "sg-pool", str(tmp_path), str(other), "--out", str(tmp_path / "bad"),
+                                   "--tolerance", "10"])
+    assert bad.exit_code != 0 and "--tolerance" in bad.output and not (tmp_path / "bad").exists()
     # The same seed twice adds no reading; other sampler settings are not the same sweep.
     bad = CliRunner().invoke(app, ["bundle", "sg-pool", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "sweep seed" in bad.output and not (tmp_path / "bad").exists()

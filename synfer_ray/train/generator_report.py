@@ -305,14 +305,15 @@ def curve_peak(points: Sequence[dict[str, Any]], curve: str) -> float:
                key=lambda p: p["agreement"]["overall"])["sg_scale"]
 
 
-def best_within_diversity(points: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The point of highest agreement whose diversity is within DIVERSITY_TOLERANCE of no SG's:
+def best_within_diversity(points: Sequence[dict[str, Any]],
+                          tolerance: float = DIVERSITY_TOLERANCE) -> dict[str, Any] | None:
+    """The point of highest agreement whose diversity is within ``tolerance`` of no SG's:
     how the shipped default is chosen. Only scales up to each target's peak agreement count: past
     it the faces break, and broken faces are diverse again (faces-48's study sweep: au SG 128)."""
     plain = next((p for p in points if p["sg_scale"] == 0), None)
     if plain is None:
         return None
-    floor = (1 - DIVERSITY_TOLERANCE) * plain["diversity"]
+    floor = (1 - tolerance) * plain["diversity"]
     peaks = {curve: curve_peak(points, curve) for curve in {curve_name(p) for p in points if p["sg_scale"] > 0}}
     rising = [p for p in points if p["sg_scale"] == 0 or p["sg_scale"] <= peaks[curve_name(p)]]
     allowed = [p for p in rising if p["diversity"] >= floor]
@@ -418,17 +419,18 @@ def class_scales_text(scales: dict[str, float]) -> str:
     return "{" + ", ".join(f"{name}: {scale:g}" for name, scale in scales.items() if scale > 0) + "}"
 
 
-def class_scale_mix_lines(points: Sequence[dict[str, Any]]) -> list[str]:
+def class_scale_mix_lines(points: Sequence[dict[str, Any]], tolerance: float = DIVERSITY_TOLERANCE) -> list[str]:
     """Per curve, :func:`class_scales_within_diversity`'s mix as a table (none for older sweeps)."""
     curves = list(dict.fromkeys(curve_name(p) for p in points if p["sg_scale"] > 0))
-    mixes = [mix for curve in curves if (mix := class_scales_within_diversity(points, curve))]
+    mixes = [mix for curve in curves if (mix := class_scales_within_diversity(points, curve, tolerance))]
     if not mixes:
         return []
     # The same with every class read as asked at least CLASS_FLOOR of the time, where that fits.
-    floored = {curve: class_scales_within_diversity(points, curve, class_floor=CLASS_FLOOR) for curve in curves}
+    floored = {curve: class_scales_within_diversity(points, curve, tolerance, class_floor=CLASS_FLOOR)
+               for curve in curves}
     lines = ["", f"Each class its own scale on one curve (`sampling.sg_target` and `sampling.sg_class_scales`, "
                  f"`sampling.sg_scale=0`; unnamed classes unguided), the mix of highest agreement within "
-                 f"{DIVERSITY_TOLERANCE:.0%} of no SG's diversity (>= {mixes[0]['diversity_floor']:.4f}), read off "
+                 f"{tolerance:.0%} of no SG's diversity (>= {mixes[0]['diversity_floor']:.4f}), read off "
                  f"each class's agreement and diversity at each point:", "",
              "| SG target | class scales | agreement | diversity | lowest class |", "|---|---|---|---|---|"]
     for mix in mixes:
@@ -461,10 +463,13 @@ def _class_cells(shares: dict[str, float], classes: Sequence[str]) -> str:
     return " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
 
 
-def sweep_table(report: dict[str, Any], classes: Sequence[str], setting: tuple[str, float] | None = None) -> str:
+def sweep_table(report: dict[str, Any], classes: Sequence[str], setting: tuple[str, float] | None = None,
+                tolerance: float = DIVERSITY_TOLERANCE) -> str:
     """The sweep as a Markdown table: one line per (target, scale), agreement per class in percent;
     below it the default rule's pick and the classes left under CLASS_FLOOR at ``setting`` (a curve and
-    scale; default: the pick) with the per-class scales that lift them."""
+    scale; default: the pick) with the per-class scales that lift them. The rule and the mixes keep
+    diversity within ``tolerance`` of no SG's; a smaller one than the target leaves a margin for the
+    pick's luck (a pick at the bound lands past it on other faces)."""
     header = ("| SG target | SG scale | agreement | " + " | ".join(classes)
               + " | diversity | among agreed | pixels | seconds |")
     lines = [header, "|" + "---|" * (len(classes) + 7)]
@@ -483,14 +488,14 @@ def sweep_table(report: dict[str, Any], classes: Sequence[str], setting: tuple[s
                      + " | " + " | ".join(_diversity_cell(reference[key]) for key in
                                           ("diversity", "diversity_agreed", "pixel_diversity")) + " | |")
     # From the points, not a stored pick: a sweep cached before the rule changed reads by today's rule.
-    best = best_within_diversity(report["points"])
+    best = best_within_diversity(report["points"], tolerance)
     if best:
-        lines += ["", f"Highest agreement with diversity within {DIVERSITY_TOLERANCE:.0%} of no SG (>= "
+        lines += ["", f"Highest agreement with diversity within {tolerance:.0%} of no SG (>= "
                       f"{best['diversity_floor']:.4f}): {curve_name(best)} SG {best['sg_scale']:g}, "
                       f"{best['agreement']:.1%}."]
         curve, scale = setting or (curve_name(best), best["sg_scale"])
         weak_classes = class_scales_line(report["points"], curve, scale) if scale > 0 else ""
         if weak_classes:
             lines += ["", weak_classes]
-    lines += class_scale_mix_lines(report["points"])
+    lines += class_scale_mix_lines(report["points"], tolerance)
     return "\n".join(lines) + "\n"
