@@ -425,6 +425,8 @@ def test_the_default_rule_ignores_scales_past_a_targets_peak():
                        "pixel_diversity": 0.5} for p in points]}
     table = sweep_table(few, ["happy"])
     assert "nan" not in table and "| 0.2028 | too few faces | 0.5000 | 1 |" in table
+    # A class no face of a point was asked of (a foreign sweep's) reads n/a, not nan%.
+    assert "nan" not in sweep_table(few, ["happy", "sad"]) and "| 50% | n/a |" in sweep_table(few, ["happy", "sad"])
     # Each step rule is a curve of its own: adaptive AU still rises at 128, so its 128 counts while
     # fixed AU's 128 (past that curve's peak) does not.
     adaptive = [{**point("au", 64, 0.866, 0.1378), "sg_adaptive": True},

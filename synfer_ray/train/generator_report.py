@@ -460,7 +460,8 @@ def _diversity_cell(value: float) -> str:
 
 
 def _class_cells(shares: dict[str, float], classes: Sequence[str]) -> str:
-    return " | ".join(f"{shares.get(name, float('nan')):.0%}" for name in classes)
+    # A class a point asked no faces of (a hand-made or foreign sweep) has no share to print.
+    return " | ".join(f"{shares[name]:.0%}" if name in shares else "n/a" for name in classes)
 
 
 def sweep_table(report: dict[str, Any], classes: Sequence[str], setting: tuple[str, float] | None = None,
