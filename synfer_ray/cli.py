@@ -192,7 +192,7 @@ def bundle_sg_pool(
     out: Path = typer.Option(..., help="Directory for the pooled sweep.json and sweep.md."),
     tolerance: float = typer.Option(0.10, help="Diversity SG may cost against no SG, for the rule's pick and "
                                                "the per-class mixes; under the target's bound it leaves a "
-                                               "margin for the pick's luck (faces-48's preset: 0.08)."),
+                                               "margin for the pick's luck, e.g. 0.08."),
 ) -> None:
     """Several seeds' sweeps read as one: every point's readings averaged, the default rule and the
     per-class mixes read off all their faces (fewer lucky picks than one seed's 50 faces a class)."""
