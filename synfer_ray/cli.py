@@ -553,7 +553,7 @@ def score(
     from synfer_ray.config import RayConfig
     from synfer_ray.data.faces import resolve_source
     from synfer_ray.pipeline import ensure_ray
-    from synfer_ray.study import score_dataset
+    from synfer_ray.study import against_baseline, score_dataset
     try:
         classes = None
         for field, paths in (("datasets", datasets), ("--baseline", baseline)):
@@ -584,10 +584,7 @@ def score(
             typer.echo(f"{'faces' if name == 'score' else 'baseline'}: {figures['rows']} rows, read as asked "
                        f"{figures['fer_accuracy']:.1%} ({by_class}), diversity {figures['diversity']:.4f}")
     if baseline:
-        made, plain = scores["score"], scores["baseline"]
-        scores["against_baseline"] = {"agreement_points": 100 * (made["fer_accuracy"] - plain["fer_accuracy"]),
-                                      "diversity_change": made["diversity"] / plain["diversity"] - 1}
-        change = scores["against_baseline"]
+        change = scores["against_baseline"] = against_baseline(scores["score"], scores["baseline"])
         typer.echo(f"against the baseline: {change['agreement_points']:+.1f} points read as asked, diversity "
                    f"{change['diversity_change']:+.1%}")
     if out:

@@ -354,6 +354,13 @@ def score_dataset(dataset: str | Sequence[str], evaluator_path: str, classes: Se
     }
 
 
+def against_baseline(made: dict, plain: dict) -> dict:
+    """Two :func:`score_dataset` readings of faces from the same seeds (e.g. with and without SG):
+    the points of agreement with the asked class gained, and the share of diversity kept or lost."""
+    return {"agreement_points": 100 * (made["fer_accuracy"] - plain["fer_accuracy"]),
+            "diversity_change": made["diversity"] / plain["diversity"] - 1}
+
+
 def sweep_base_settings(study: StudyConfig):
     """The sweep's base sampler settings: the study's, with one scale for every class at each point
     (the sweep is what per-class scales are read from)."""
