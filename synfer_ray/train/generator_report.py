@@ -187,7 +187,9 @@ def pooled_sweep(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     sweeps. Classes are of equal size, so a mean of shares is the share over all the faces; a mean of
     diversities weighs each sweep's pairs alike. A per-class mix read off one seed's 50 faces a class
     is the best of thousands of mixes on noisy readings, and loses more diversity on other faces than
-    it promised (faces-48: 12.7% against 9.9%); more faces a reading shrink that winner's curse."""
+    it promised (faces-48: 12.5% against 9.9%); more faces a reading shrink that winner's curse, and
+    only a check on held-out faces (``synfer score``) says whether a pick holds (pooled: 10.7% against
+    9.3%; docs/sg_sweep/faces48_v2_heldout_rounds.md)."""
     if len(reports) < 2:
         raise SynferError("sweeps", len(reports), "two or more sweep directories to pool")
     first = reports[0]
