@@ -552,6 +552,7 @@ def score(
     from synfer_ray.classifiers import load_classifier
     from synfer_ray.config import RayConfig
     from synfer_ray.data.faces import resolve_source
+    from synfer_ray.data.shards import CARD_NAME, ShardStore
     from synfer_ray.pipeline import ensure_ray
     from synfer_ray.study import against_baseline, score_dataset
     try:
@@ -563,7 +564,7 @@ def score(
                 if not resolve_source(path, field).synthetic:
                     raise SynferError(field, path, "a finished synfer dataset (a `synfer generate` output "
                                                    "directory with dataset.json)")
-                card = json.loads((Path(path) / "dataset.json").read_text())
+                card = ShardStore(path).read_json(CARD_NAME)
                 classes = classes or card["classes"]
                 if card["classes"] != classes:
                     raise SynferError(field, path, f"datasets of one bundle's classes {classes}; it has "

@@ -222,15 +222,13 @@ def pooled_sweep(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def mean_readings(readings: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """:func:`face_readings` (and a point's seconds) of equal-sized sets of faces, averaged: what every
     set has."""
-    def mean(values):
-        return float(np.mean(values))
-    mean_of = {"agreement": {name: mean([r["agreement"][name] for r in readings]) for name in readings[0]["agreement"]}}
+    mean_of = {}
+    for name in ("agreement", "diversity_by_class"):  # per class (and overall)
+        if all(name in r for r in readings):
+            mean_of[name] = {key: float(np.mean([r[name][key] for r in readings])) for key in readings[0][name]}
     for name in ("diversity", "diversity_agreed", "pixel_diversity", "seconds"):
         if all(name in r for r in readings):
-            mean_of[name] = mean([r[name] for r in readings])
-    if all("diversity_by_class" in r for r in readings):
-        mean_of["diversity_by_class"] = {name: mean([r["diversity_by_class"][name] for r in readings])
-                                         for name in readings[0]["diversity_by_class"]}
+            mean_of[name] = float(np.mean([r[name] for r in readings]))
     return mean_of
 
 
