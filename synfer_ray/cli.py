@@ -569,7 +569,11 @@ def score(
                 if card["classes"] != classes:
                     raise SynferError(field, path, f"datasets of one bundle's classes {classes}; it has "
                                                    f"{card['classes']}")
-        load_classifier(evaluator, field="--evaluator")  # refused here, before any actor starts
+        # Refused here, before any actor starts: one that does not load, or does not know a class.
+        missing = [c for c in classes if c not in load_classifier(evaluator, field="--evaluator").classes]
+        if missing:
+            raise SynferError("--evaluator", str(evaluator), f"a classifier that knows every class of the datasets; "
+                                                             f"it lacks {missing}")
     except SynferError as error:
         _fail(error)
     ensure_ray(RayConfig())

@@ -30,6 +30,7 @@ import numpy as np
 from synfer_ray.config import (ADDED_GENERATE_SETTINGS, DEFAULT_SG_TARGET, GenerateConfig, GeneratorTrainConfig,
                                StudyConfig, StudyStage, TrainConfig, TrackingConfig, build_config, load_config,
                                without_added_settings)
+from synfer_ray.data.faces import resolve_source
 from synfer_ray.errors import SynferError
 from synfer_ray.evaluate import diversity_from_sums, headline_figures
 from synfer_ray.train.generator_report import (class_scales_text, curve_name, point_name, real_reference,
@@ -330,7 +331,7 @@ def score_dataset(dataset: str | Sequence[str], evaluator_path: str, classes: Se
     per-batch sums."""
     import ray.data
     datasets = [dataset] if isinstance(dataset, str) else list(dataset)
-    scored = ray.data.read_parquet([str(Path(path) / "data") for path in datasets],
+    scored = ray.data.read_parquet([resolve_source(path, "dataset").data_path for path in datasets],
                                    columns=["image", "target", "label", "accepted", "confidence"]).map_batches(
         ScoreRows, batch_size=256, batch_format="numpy", fn_constructor_kwargs={
             "evaluator_path": evaluator_path, "classes": tuple(classes)},

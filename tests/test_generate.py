@@ -300,6 +300,12 @@ def test_score_reads_generated_faces_by_an_evaluator_against_a_baseline(first_ru
     assert bad.exit_code != 0 and "datasets" in bad.output and "once" in bad.output
     bad = CliRunner().invoke(app, ["score", str(output), "--evaluator", str(tmp_path / "no-model")])
     assert bad.exit_code != 0 and "--evaluator" in bad.output
+    # An evaluator that does not know a class it would be asked to read (here: no disgust).
+    from synfer_ray.classifiers import tiny_resnet
+    six_classes = [c for c in card["classes"] if c != "disgust"]
+    tiny_resnet(six_classes, seed=11).save_pretrained(tmp_path / "six-classes")
+    bad = CliRunner().invoke(app, ["score", str(output), "--evaluator", str(tmp_path / "six-classes")])
+    assert bad.exit_code != 0 and "--evaluator" in bad.output and "disgust" in bad.output
 
 
 # --- accepted-count targets: the shipped faces-48 bundle, whose classes its guide accepts at very

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,10 +42,15 @@ def test_feranno_saves_and_loads_with_its_bundle(tiny_bundle_path, tmp_path):
     import shutil
     bundle_copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle_path, bundle_copy)
-    model = new_feranno(bundle_copy, taxonomy.AFFECTNET_7, FeatureSettings(), dim=32, heads=2).eval()
+    model = new_feranno(bundle_copy, taxonomy.AFFECTNET_7, FeatureSettings(), dim=32, heads=2)
     images = torch.rand(2, 3, 48, 48)
     with torch.no_grad():
-        logits = model(images)
+        model.train()(torch.rand(4, 3, 48, 48))  # moves the input standardisation's running statistics
+        logits = model.eval()(images)
+    # Each input channel standardised: the attention maps (probabilities ~1/77) as much as the features.
+    assert model.head.config.standardize_inputs
+    attention_norm = model.head.attention_branch.encode[0]
+    assert isinstance(attention_norm, torch.nn.BatchNorm2d) and attention_norm.running_mean.abs().sum() > 0
     assert logits.shape == (2, 7)
     model.save_pretrained(tmp_path / "labeler")
     loaded = load_classifier(tmp_path / "labeler")  # found through the bundle path in its config
@@ -53,6 +60,12 @@ def test_feranno_saves_and_loads_with_its_bundle(tiny_bundle_path, tmp_path):
     (bundle_copy / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"changed")
     with pytest.raises(SynferError, match="UNet differs"):
         load_classifier(tmp_path / "labeler")
+    # A head saved before the standardisation existed (no such key in its config) loads without it.
+    from synfer_ray.labeler.feranno import FERAnno
+    config = json.loads((tmp_path / "labeler" / "config.json").read_text())
+    config.pop("standardize_inputs")
+    older = FERAnno.from_config(config)
+    assert isinstance(older.attention_branch.encode[0], torch.nn.Conv2d)
 
 
 def labeler_config(bundle, faces, output) -> TrainConfig:
