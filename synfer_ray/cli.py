@@ -147,6 +147,15 @@ def bundle_quality(
     typer.echo(f"report: {out}")
 
 
+TOLERANCE_HELP = ("Diversity SG may cost against no SG, for the rule's pick and the per-class mixes; under the "
+                  "target's bound it leaves a margin for the pick's luck, e.g. 0.08.")
+
+
+def _check_tolerance(tolerance: float) -> None:
+    if not 0 < tolerance < 1:
+        raise SynferError("--tolerance", tolerance, "a share of no SG's diversity between 0 and 1, e.g. 0.08")
+
+
 @bundle_app.command("sg-sweep")
 def bundle_sg_sweep(
     bundle: Path = typer.Argument(..., help="Bundle directory (its sg_classifier/ guides)."),
@@ -165,11 +174,13 @@ def bundle_sg_sweep(
     sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
     real_faces: Optional[str] = typer.Option(None, help="Labelled real faces (Parquet): the same readings of "
                                                         "as many real faces per class, a row to compare with."),
+    tolerance: float = typer.Option(0.10, help=TOLERANCE_HELP),
 ) -> None:
     """Evaluator agreement, diversity and a contact sheet for each SG target and scale."""
     from synfer_ray.generator.sampler import SamplerSettings
     from synfer_ray.train.generator_report import sg_sweep
     try:
+        _check_tolerance(tolerance)
         base = SamplerSettings(steps=steps, cfg_scale=cfg_scale, sg_window=sg_window, scheduler=scheduler)
         for name in target:
             SamplerSettings(sg_target=name)  # refused here, before any sampling, naming sg_target
@@ -179,7 +190,7 @@ def bundle_sg_sweep(
             raise SynferError("--step-rule", step_rule, "fixed and/or adaptive")
         report = sg_sweep(bundle, str(evaluator), base, target, scale, per_class, seed, out, log=typer.echo,
                           sg_classifier=str(sg_classifier) if sg_classifier else None, step_rules=step_rule,
-                          real_faces=real_faces)
+                          real_faces=real_faces, tolerance=tolerance)
     except SynferError as error:
         _fail(error)
     typer.echo(f"report: {out / 'sweep.md'} ({len(report['points'])} points)")
@@ -190,16 +201,13 @@ def bundle_sg_pool(
     sweeps: list[Path] = typer.Argument(..., help="Two or more sg-sweep output directories of one bundle, "
                                                   "evaluator and sampler, made at different --seed values."),
     out: Path = typer.Option(..., help="Directory for the pooled sweep.json and sweep.md."),
-    tolerance: float = typer.Option(0.10, help="Diversity SG may cost against no SG, for the rule's pick and "
-                                               "the per-class mixes; under the target's bound it leaves a "
-                                               "margin for the pick's luck, e.g. 0.08."),
+    tolerance: float = typer.Option(0.10, help=TOLERANCE_HELP),
 ) -> None:
     """Several seeds' sweeps read as one: every point's readings averaged, the default rule and the
     per-class mixes read off all their faces (fewer lucky picks than one seed's 50 faces a class)."""
     from synfer_ray.train.generator_report import pooled_sweep, sweep_table
     try:
-        if not 0 < tolerance < 1:
-            raise SynferError("--tolerance", tolerance, "a share of no SG's diversity between 0 and 1, e.g. 0.08")
+        _check_tolerance(tolerance)
         reports = []
         for directory in sweeps:
             path = directory / "sweep.json"

@@ -298,8 +298,11 @@ def test_sg_sweep_reports_every_target_and_scale_from_the_same_seeds(tiny_bundle
     # reading the mean of the two (classes of equal size: the share over all their faces).
     other = tmp_path / "seed-2"
     result = CliRunner().invoke(app, [*args[:5], "--out", str(other), "--per-class", "2", "--steps", "3",
-                                      "--target", "au", "--scale", "5", "--seed", "777"])
+                                      "--target", "au", "--scale", "5", "--seed", "777", "--tolerance", "0.05"])
     assert result.exit_code == 0, result.output
+    assert "within 5% of no SG" in (other / "sweep.md").read_text()  # its own bound, not pool's
+    bad = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "bad"), "--tolerance", "0"])
+    assert bad.exit_code != 0 and "--tolerance" in bad.output and not (tmp_path / "bad").exists()
     result = CliRunner().invoke(app, ["bundle", "sg-pool", str(tmp_path), str(other), "--out", str(tmp_path / "pool")])
     assert result.exit_code == 0, result.output
     second = json.loads((other / "sweep.json").read_text())

@@ -21,6 +21,8 @@ from synfer_ray.reports import contact_sheet
 if TYPE_CHECKING:
     from synfer_ray.generator.sampler import SamplerSettings
 
+DIVERSITY_TOLERANCE = 0.10  # how much within-class diversity SG may cost against no SG
+
 
 def sample_grid_requests(classes: Sequence[str], au_names: Sequence[str], per_class: int, seed: int,
                          caption_style: str = "attributes"):
@@ -131,13 +133,14 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
 def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targets: Sequence[str],
              scales: Sequence[float], per_class: int, seed: int, out: Path, log=print,
              sg_classifier: str | None = None, step_rules: Sequence[str] = ("fixed",),
-             real_faces: str | None = None) -> dict[str, Any]:
+             real_faces: str | None = None, tolerance: float = DIVERSITY_TOLERANCE) -> dict[str, Any]:
     """Evaluator agreement (overall and per class), within-class diversity and a contact sheet for
     every (SG target, step rule, scale), all from the same seeds; scale 0 (no SG) once, shared by
     every curve. SG follows ``sg_classifier`` (default: the bundle's own guide); the step rule is
     ``fixed`` (every sample's step the scale) or ``adaptive`` (times 1 - p(target), guidance.py).
     With ``real_faces`` (labelled Parquet), the same readings of ``per_class`` real faces per class
-    (:func:`real_reference`): what agreement and diversity are on real faces.
+    (:func:`real_reference`): what agreement and diversity are on real faces. ``tolerance`` bounds the
+    diversity the default rule's pick and the per-class mixes may cost (:func:`best_within_diversity`).
 
     Writes ``sweep.json``, ``sweep.md`` and ``contact_<target>[_adaptive]_<scale>.png`` under ``out``.
     The evaluator must not be the guide: it judges what the guide steered.
@@ -173,11 +176,11 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
     report = {"bundle": str(bundle_path), "bundle_hash": bundle.content_hash, "evaluator": evaluator_path,
               "sg_classifier": sg_classifier or "the bundle's",
               "per_class": per_class, "seed": seed, "settings": dataclasses.asdict(base), "points": results,
-              "best_within_diversity": best_within_diversity(results)}
+              "best_within_diversity": best_within_diversity(results, tolerance), "tolerance": tolerance}
     if reference:
         report["real_reference"] = reference
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
-    (out / "sweep.md").write_text(sweep_table(report, bundle.classes))
+    (out / "sweep.md").write_text(sweep_table(report, bundle.classes, tolerance=tolerance))
     return report
 
 
@@ -285,7 +288,6 @@ def real_reference(evaluator, data_path: str, classes: Sequence[str], per_class:
     return {"faces": data_path, "rows": len(labels), **face_readings(evaluator, images, labels)}
 
 
-DIVERSITY_TOLERANCE = 0.10  # how much within-class diversity SG may cost against no SG
 
 
 def curve_name(point: dict[str, Any]) -> str:
