@@ -156,7 +156,9 @@ def build_classifier(arch: str, classes: Sequence[str], image_size: int, pretrai
         from synfer_ray.labeler.feranno import new_feranno
         labeler = dict(labeler or {})
         dim, heads = labeler.pop("dim", 128), labeler.pop("heads", 4)
-        return new_feranno(bundle, classes, settings_from_config(labeler), dim=dim, heads=heads, seed=seed)
+        standardize = labeler.pop("standardize_inputs", True)
+        return new_feranno(bundle, classes, settings_from_config(labeler), dim=dim, heads=heads, seed=seed,
+                           standardize_inputs=standardize)
     if pretrained:
         labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
                   "label2id": {c: i for i, c in enumerate(classes)}}

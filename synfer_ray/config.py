@@ -375,6 +375,9 @@ class LabelerModelConfig(_Strict):
     size: int = Field(0, ge=0)  # feature grid; 0 = latent size, at most 16
     dim: int = Field(128, ge=8)
     heads: int = Field(4, ge=1)
+    # Each input channel standardised before the branches (feranno.py says why); false: the head as
+    # before it existed. Part of the study's labeler stage key, so a study made before retrains.
+    standardize_inputs: bool = True
 
 
 class ModelConfig(_Strict):

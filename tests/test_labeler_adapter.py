@@ -66,6 +66,11 @@ def test_feranno_saves_and_loads_with_its_bundle(tiny_bundle_path, tmp_path):
     config.pop("standardize_inputs")
     older = FERAnno.from_config(config)
     assert isinstance(older.attention_branch.encode[0], torch.nn.Conv2d)
+    # ... and a training config can still ask for that head (model.labeler.standardize_inputs: false).
+    from synfer_ray.classifiers import build_classifier
+    plain = build_classifier("feranno", taxonomy.AFFECTNET_7, 48, bundle=str(tiny_bundle_path),
+                             labeler={"dim": 32, "heads": 2, "standardize_inputs": False})
+    assert not plain.head.config.standardize_inputs
 
 
 def labeler_config(bundle, faces, output) -> TrainConfig:

@@ -64,7 +64,7 @@ class FERAnno(ModelMixin, ConfigMixin):
                  bundle: str | None = None, unet_sha256: str | None = None, standardize_inputs: bool = False):
         super().__init__()
         # standardize_inputs defaults to off so that heads saved before it load as they were trained;
-        # new_feranno turns it on.
+        # new heads have it on (model.labeler.standardize_inputs).
         self.feature_branch = _Branch(feature_channels, dim, standardize_inputs)
         self.attention_branch = _Branch(attention_channels, dim, standardize_inputs)
         # Where a feature sits matters (a raised brow is not a raised lip corner): learned positions,
@@ -119,7 +119,7 @@ def unet_sha256(bundle_path: Path) -> str:
 
 
 def new_feranno(bundle_path: str | Path, classes: Sequence[str], settings: FeatureSettings, dim: int = 128,
-                heads: int = 4, seed: int = 0) -> FERAnnoClassifier:
+                heads: int = 4, seed: int = 0, standardize_inputs: bool = True) -> FERAnnoClassifier:
     """A fresh head over the bundle's frozen diffusion features."""
     from synfer_ray.bundle import load_bundle
     bundle_path = Path(bundle_path).resolve()
@@ -129,7 +129,8 @@ def new_feranno(bundle_path: str | Path, classes: Sequence[str], settings: Featu
     torch.manual_seed(seed)
     head = FERAnno(classes=list(classes), feature_channels=feature_channels, attention_channels=attention_channels,
                    grid=extractor.size, features=settings.as_config(), dim=dim, heads=heads,
-                   bundle=str(bundle_path), unet_sha256=unet_sha256(bundle_path), standardize_inputs=True)
+                   bundle=str(bundle_path), unet_sha256=unet_sha256(bundle_path),
+                   standardize_inputs=standardize_inputs)
     return FERAnnoClassifier(extractor, head)
 
 
