@@ -202,21 +202,29 @@ def labeler_stage(study: StudyConfig, bundle: str, cache: StageCache, tracking: 
                      make)
 
 
-def vote_figures(study: StudyConfig, guide: str, labeler_bundle: str | None) -> dict[str, dict]:
+def vote_stage(study: StudyConfig, guide: dict, labeler_bundle: str | None, cache: StageCache) -> dict[str, dict]:
     """The labelers' vote, as generate runs it (weighted mean, tau), on the real test faces: the guide
-    alone and, with a labeler, the guide with it; each also mirror-averaged (``labeling.mirror_average``).
-    The labeler's vote adds information when the pair labels more faces right, or accepts more at the
-    same share right, than the guide alone."""
+    alone and, with a labeler, the labeler alone and the two together; each also mirror-averaged
+    (``labeling.mirror_average``). The labeler's vote adds information when the pair labels more faces
+    right, or accepts more at the same share right, than the guide alone. One pass over the faces."""
+    from synfer_ray.bundle import BundleManifest
     from synfer_ray.config import LabelingConfig
     from synfer_ray.labeler.feranno import LABELER_DIR
-    from synfer_ray.train.fer import evaluate_ensemble
-    ensembles = {"guide": ([guide], None)}
+    from synfer_ray.train.fer import evaluate_votes
+    ensembles = {"guide": ([guide["model"]], None)}
     if labeler_bundle:
-        ensembles["guide + labeler"] = ([guide, str(Path(labeler_bundle) / LABELER_DIR)],
-                                        [1.0, LabelingConfig().bundle_labeler_weight])
-    return {name + (", mirror-averaged" if mirror else ""): headline_figures(evaluate_ensemble(
-                models, study.real_test, weights, study.generation.tau, mirror_average=mirror))
-            for mirror in (False, True) for name, (models, weights) in ensembles.items()}
+        labeler = str(Path(labeler_bundle) / LABELER_DIR)
+        ensembles["labeler"] = ([labeler], None)
+        ensembles["guide + labeler"] = ([guide["model"], labeler], [1.0, LabelingConfig().bundle_labeler_weight])
+
+    def make(directory: Path) -> dict:
+        reports = evaluate_votes(ensembles, study.real_test, study.generation.tau, mirror_readings=(False, True))
+        return {"votes": {name + (", mirror-averaged" if mirror else ""): headline_figures(report)
+                          for (name, mirror), report in reports.items()}}
+    payload = {"guide": guide["weights_sha256"], "real_test": study.real_test, "tau": study.generation.tau,
+               "labeler": labeler_bundle and BundleManifest.read(Path(labeler_bundle)).content_hash,
+               "weights": {name: weights for name, (_, weights) in ensembles.items()}}
+    return cache.run("votes", payload, make)["votes"]
 
 
 # --- generation ------------------------------------------------------------------------------
@@ -511,7 +519,7 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
         labeler = labeler_stage(study, generator["bundle"], cache, tracking)
         bundles = {"generator": generator["bundle"], "labeler": labeler["bundle"] if labeler else None}
         results["generator"], results["labeler"] = generator, labeler
-        results["votes"] = vote_figures(study, guide["model"], bundles["labeler"])
+        results["votes"] = vote_stage(study, guide, bundles["labeler"], cache)
         classes = BundleManifest.read(Path(bundles["generator"])).classes
         count = study.generation.per_class * len(classes)
         results["conditions"], results["downstream"] = {}, {}
@@ -762,7 +770,8 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
              f"{study.generation.sampling.sg_target}"
              f"{class_scales}"
              f"{' (adaptive: times 1 - p(target))' if study.generation.sampling.sg_adaptive else ''}, window "
-             f"{study.generation.sampling.sg_window}; labeler tau {study.generation.tau}.", "",
+             f"{study.generation.sampling.sg_window}; labeler tau {study.generation.tau}"
+             f"{', each voter reading a face and its mirror image' if study.generation.mirror_average else ''}.", "",
              "## The classifiers", "",
              "| role | model | architecture | seed | data part | test accuracy | UAR |", "|---|---|---|---|---|---|---|"]
     for role, info in (("guide (SG, votes)", guide), ("evaluator (scores only)", evaluator)):

@@ -206,8 +206,9 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     assert results["headline_synthetic"]["accepted_targets"]["budget"] == 70
     # The labelers' vote on real faces, the guide alone and with the labeler (tau 0 accepts every face).
     assert re.search(r"\| guide \+ labeler \| \d+\.\d \| \d+\.\d \| 100\.0 \| \d", report)
-    assert list(results["votes"]) == ["guide", "guide + labeler", "guide, mirror-averaged",
-                                      "guide + labeler, mirror-averaged"]
+    assert list(results["votes"]) == ["guide", "labeler", "guide + labeler", "guide, mirror-averaged",
+                                      "labeler, mirror-averaged", "guide + labeler, mirror-averaged"]
+    assert re.search(r"\| labeler, mirror-averaged \| \d+\.\d \|", report)
     for role in ("guide", "evaluator", "labeler"):
         assert re.search(rf"\| {role} \| \d", report.split("Recall per class")[1]), role
     # Synthetic-only models choose their checkpoint on real rows: the same count as the real-only model's.
@@ -244,6 +245,8 @@ def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path,
     # A second run takes every stage from the cache.
     again = run_study(study)
     assert all(d["cached"] for runs_ in again["downstream"].values() for d in runs_) and again["sweep"]["cached"]
+    assert again["votes"] == results["votes"] and [t["cached"] for t in again["stage_times"]
+                                                   if t["stage"].startswith("votes-")] == [True]
 
 
 def test_mirror_averaged_labeling_reaches_the_labeled_conditions_and_only_then_their_stage_keys(tmp_path):

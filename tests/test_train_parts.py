@@ -229,6 +229,15 @@ def test_the_vote_on_labelled_faces_is_the_mean_of_its_models_probabilities(tiny
     assert averaged["confusion_matrix"] == confusion_matrix(truth, mirrored.argmax(axis=1),
                                                             len(taxonomy.AFFECTNET_7)).tolist()
     assert averaged["mirror_average"] and not every["mirror_average"]
+    # Several votes in one pass over the faces (the study's vote stage): each as if evaluated alone.
+    from synfer_ray.train.fer import evaluate_votes
+    together = evaluate_votes({"first": (models[:1], None), "both": (models, [3.0, 1.0])}, test, tau=0.5,
+                              mirror_readings=(False, True))
+    assert list(together) == [("first", False), ("both", False), ("first", True), ("both", True)]
+    for (name, mirror), report in together.items():
+        members, weights = {"first": (models[:1], None), "both": (models, [3.0, 1.0])}[name]
+        alone = evaluate_ensemble(members, test, weights, tau=0.5, mirror_average=mirror)
+        assert (report["confusion_matrix"], report["acceptance"]) == (alone["confusion_matrix"], alone["acceptance"])
 
 
 def test_mirror_averaged_probabilities_are_the_mean_over_a_face_and_its_mirror(tiny_bundle_path):
