@@ -101,11 +101,15 @@ class SamplingConfig(_Strict):
     @field_validator("sg_class_scales")
     @classmethod
     def _class_scales_are_steps(cls, scales):
-        for name, scale in scales.items():
-            if not math.isfinite(scale) or scale < 0:
-                raise ValueError(f"the scale of {name!r} must be a finite number >= 0 (percent of the steered "
-                                 f"norm), got {scale}")
-        return scales
+        return class_scales_are_steps(scales)
+
+
+def class_scales_are_steps(scales: dict[str, float]) -> dict[str, float]:
+    for name, scale in scales.items():
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"the scale of {name!r} must be a finite number >= 0 (percent of the steered "
+                             f"norm), got {scale}")
+    return scales
 
 
 class VoterConfig(_Strict):
@@ -463,9 +467,18 @@ class ServeConfig(_Strict):
     scheduler: Scheduler = "ddim"  # a request's default sampler
     sg_target: SgTarget = DEFAULT_SG_TARGET  # a request's default semantic-guidance target
     sg_adaptive: bool = False  # a request's default step rule: fixed, or adaptive (times 1 - p(target))
+    # A request without sg_scale is steered at its expression's scale here, else at sg_scale: the
+    # bundle's sweep-chosen per-class default (generate's sampling.sg_class_scales) served as is.
+    sg_scale: float = Field(0.0, ge=0, le=100)
+    sg_class_scales: dict[str, float] = {}
     max_ongoing_requests: int = Field(32, ge=1)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()
+
+    @field_validator("sg_class_scales")
+    @classmethod
+    def _class_scales_are_steps(cls, scales):
+        return class_scales_are_steps(scales)
 
 
 class PipelineConfig(_Strict):

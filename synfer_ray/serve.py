@@ -25,7 +25,8 @@ import math
 import os
 from collections import defaultdict
 from importlib import resources
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Sequence
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -58,8 +59,10 @@ class GenerateRequest(BaseModel):
         None, description="Sampler; default: the server's (ServeConfig.scheduler).")
     cfg_scale: float = Field(3.0, ge=0, le=30, description="Classifier-free guidance scale; 1 = off.")
     au_scale: float = Field(1.0, ge=0, le=4, description="Weight of the AU attention; 0 = text only.")
-    sg_scale: float = Field(0.0, ge=0, le=100, description="Semantic-guidance step, percent of the norm of what it "
-                                                           "steers; 0 = off.")
+    sg_scale: float | None = Field(
+        None, ge=0, le=100, description="Semantic-guidance step, percent of the norm of what it steers; 0 = off; "
+                                        "default: the server's for the expression (ServeConfig.sg_class_scales, "
+                                        "else ServeConfig.sg_scale).")
     sg_window: float = Field(0.4, ge=0, le=1, description="Fraction of late steps with semantic guidance.")
     sg_target: SgTarget | None = Field(
         None, description="What semantic guidance steers; default: the server's (ServeConfig.sg_target).")
@@ -120,6 +123,13 @@ def api_key(config: ServeConfig) -> bytes | None:
                           "is unset or empty where the replica runs (set it, or remove api_key_env to serve "
                           "without a key)")
     return key.encode()
+
+
+def check_class_scales(config: ServeConfig, classes: Sequence[str]) -> None:
+    """A per-expression SG scale for a class the bundle lacks would never be used: refused at start."""
+    unknown = sorted(set(config.sg_class_scales) - set(classes))
+    if unknown:
+        raise SynferError(f"sg_class_scales.{unknown[0]}", unknown[0], f"a class of the bundle: {list(classes)}")
 
 
 def _replica() -> "SynferGenerator":
@@ -222,6 +232,7 @@ class SynferGenerator:
         device = device_for(self.config.num_gpus)
         dtype = resolve(self.config.precision, device)
         self.bundle = load_bundle(self.config.bundle, dtype=dtype).to(device)
+        check_class_scales(self.config, self.bundle.classes)
         self.sampler = GuidedSampler(self.bundle, device=device)
         voters = load_voters(self.config.voters, device, field="voters", bundle_labeler=self.config.bundle,
                              dtype=dtype)
@@ -310,6 +321,9 @@ class SynferGenerator:
         return pngs, [(classes[int(index)], dict(zip(classes, map(float, soft))))
                       for index, soft in zip(result.label_index, result.soft_label)]
 
+    def _default_sg_scale(self, expression: str) -> float:
+        return self.config.sg_class_scales.get(expression, self.config.sg_scale)
+
     def _rows(self, request: GenerateRequest):
         from synfer_ray.generate_one import expression_requests
         from synfer_ray.generator.sampler import SamplerSettings
@@ -324,14 +338,15 @@ class SynferGenerator:
         if request.seed + request.n - 1 > MAX_SEED:
             raise _unprocessable("seed", f"seed + n - 1 must be <= {MAX_SEED}")
         try:
+            target, rows = expression_requests(self.bundle, request.expression, request.aus, request.prompt,
+                                               request.seed, request.n)
+            sg_scale = self._default_sg_scale(target) if request.sg_scale is None else request.sg_scale
             settings = SamplerSettings(steps=steps, cfg_scale=request.cfg_scale, au_scale=request.au_scale,
-                                       sg_scale=request.sg_scale, sg_window=request.sg_window,
+                                       sg_scale=sg_scale, sg_window=request.sg_window,
                                        sg_target=request.sg_target or config.sg_target,
                                        sg_adaptive=config.sg_adaptive if request.sg_adaptive is None
                                        else request.sg_adaptive,
                                        scheduler=request.scheduler or config.scheduler)
-            target, rows = expression_requests(self.bundle, request.expression, request.aus, request.prompt,
-                                               request.seed, request.n)
             self.sampler.check(rows, settings)
         except SynferError as error:
             raise _unprocessable(error.field.replace("rows[0].", ""), str(error)) from None
@@ -366,6 +381,9 @@ class SynferGenerator:
                 "resolution": self.bundle.manifest.resolution,
                 "limits": {"max_images": config.max_images, "max_steps": config.max_steps,
                            "default_steps": config.default_steps, "au_value": [0.0, 1.0]},
+                # What a request without sg_scale or sg_target gets, per expression.
+                "sg_defaults": {"target": config.sg_target,
+                                "scale": {c: self._default_sg_scale(c) for c in self.bundle.classes}},
                 "labeler": [v.name for v in self.labeler.voters]}
 
     @api.get("/healthz")
@@ -401,8 +419,11 @@ def run_serve(config: ServeConfig, blocking: bool = True) -> str:
     """Start Serve on ``config.host:port`` and deploy; return the base URL. A configured API key
     whose variable is unset here raises before anything starts (replicas started by this driver
     inherit its environment; each replica checks again)."""
+    from synfer_ray.bundle import BundleManifest
     from synfer_ray.pipeline import ensure_ray
     api_key(config)
+    if config.sg_class_scales and Path(config.bundle).is_dir():  # a hub id is checked by each replica
+        check_class_scales(config, BundleManifest.read(Path(config.bundle)).classes)
     ensure_ray(config.ray)
     serve.start(http_options={"host": config.host, "port": config.port,
                               "request_timeout_s": config.request_timeout_s})

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_bundle_path, second_voter):
-    """Three apps on one loopback port: open; secure (API key, two weighted voters, adaptive SG steps by
-    default); slow (a request timeout far below what sampling takes)."""
+    """Three apps on one loopback port: open; secure (API key, two weighted voters, adaptive SG steps and
+    a per-expression SG scale by default); slow (a request timeout far below what sampling takes)."""
     from ray import serve
 
     from synfer_ray.serve import build_app
@@ -43,7 +43,7 @@ def server(ray_cluster, tiny_bundle_path, second_voter):
               {"path": str(second_voter), "name": "b", "weight": 1.0}]
     serve.run(build_app(build_config(ServeConfig, {**common, "api_key_env": "SYNFER_TEST_API_KEY",
                                                    "voters": voters, "sg_adaptive": True,
-                                                   "mirror_average": True})),
+                                                   "sg_class_scales": {"sad": 3.0}, "mirror_average": True})),
               name="secure", route_prefix="/secure", blocking=False)
     serve.run(build_app(build_config(ServeConfig, {**common, "request_timeout_s": 0.1, "max_batch_size": 2,
                                                    "batch_wait_timeout_s": 0})),
@@ -170,6 +170,27 @@ def test_a_key_whose_variable_is_missing_refuses_to_start(server, tiny_bundle_pa
     done = subprocess.run([sys.executable, "-m", "synfer_ray.cli", "serve", "--config", str(tmp_path / "serve.yaml"),
                            f"port={free_port()}"], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and "api_key_env" in done.stderr and missing in done.stderr, done.stderr[-2000:]
+
+
+def test_a_request_without_sg_scale_is_steered_at_its_expressions_default(server, tiny_bundle_path, tmp_path):
+    """ServeConfig.sg_class_scales: the server's SG scale per expression (the bundle's sweep-chosen
+    default, as generate's sampling.sg_class_scales); the others take ServeConfig.sg_scale (0 here)."""
+    secure = {"path": "/secure/v1/generate", "headers": {"x-api-key": "test-key"}}
+    body = {"expression": "sad", "seed": 3, "n": 1, "steps": 4}
+    default, named, off = (post(server, request, **secure) for request in
+                           (body, {**body, "sg_scale": 3.0}, {**body, "sg_scale": 0.0}))
+    assert [r.json()["settings"]["sg_scale"] for r in (default, named, off)] == [3.0, 3.0, 0.0]
+    assert default.json()["images"] == named.json()["images"]  # the same faces as asking for 3 by name
+    assert default.json()["images"][0]["png_base64"] != off.json()["images"][0]["png_base64"]
+    happy = post(server, {**body, "expression": "happy"}, **secure).json()
+    assert happy["settings"]["sg_scale"] == 0.0
+    defaults = requests.get(f"{server}/secure/v1/expressions", headers=secure["headers"], timeout=30).json()
+    assert defaults["sg_defaults"]["scale"]["sad"] == 3.0 and defaults["sg_defaults"]["scale"]["happy"] == 0.0
+    # A scale for a class the bundle lacks: `synfer serve` stops before starting Ray, naming the field.
+    (tmp_path / "serve.yaml").write_text(f"bundle: {tiny_bundle_path}\nsg_class_scales: {{grumpy: 8}}\n")
+    done = subprocess.run([sys.executable, "-m", "synfer_ray.cli", "serve", "--config", str(tmp_path / "serve.yaml"),
+                           f"port={free_port()}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "sg_class_scales.grumpy" in done.stderr, done.stderr[-2000:]
 
 
 def test_votes_are_weighted_as_in_generate(server, tiny_bundle_path, second_voter):
