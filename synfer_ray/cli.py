@@ -533,8 +533,7 @@ def evaluate(
                                                     "(as labeling.mirror_average)."),
 ) -> None:
     """Accuracy, UAR, macro-F1, per-class table and confusion matrix of a model on labelled faces."""
-    from synfer_ray.evaluate import format_report, write_report
-    from synfer_ray.train.fer import evaluate_model
+    from synfer_ray.evaluate import evaluate_model, format_report, write_report
     try:
         report = evaluate_model(model, data, device=device, mirror_average=mirror_average)
     except SynferError as error:

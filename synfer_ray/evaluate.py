@@ -1,11 +1,12 @@
-"""Evaluation of faces: a classifier on labelled faces (accuracy, UAR, macro-F1, per-class table, confusion
-matrix) and the within-class diversity of a set of faces in any embedding."""
+"""Evaluation of faces: a classifier, or the vote of several as generate's labelers vote, on labelled
+faces (accuracy, UAR, macro-F1, per-class table, confusion matrix, acceptance) and the within-class
+diversity of a set of faces in any embedding."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -72,6 +73,95 @@ def pixel_vectors(images: np.ndarray) -> np.ndarray:
     embedding, whose within-class diversity is that of identity, pose and light."""
     grey = images.astype(np.float32).mean(axis=-1).reshape(len(images), -1)
     return grey - grey.mean(axis=1, keepdims=True)
+
+
+def evaluate_model(model_path: str | Path, data_path: str, batch_size: int = 256, device: str = "auto",
+                   mirror_average: bool = False) -> dict[str, Any]:
+    """Evaluate a saved classifier on labelled faces (in this process, on ``device``: auto is CUDA where
+    torch sees it; fp32, so figures compare across machines; skipped images counted)."""
+    return {**evaluate_ensemble([model_path], data_path, batch_size=batch_size, device=device,
+                                mirror_average=mirror_average),
+            "model": str(model_path)}
+
+
+def evaluate_ensemble(model_paths: Sequence[str | Path], data_path: str, weights: Sequence[float] | None = None,
+                      tau: float = 0.5, batch_size: int = 256, device: str = "auto",
+                      mirror_average: bool = False) -> dict[str, Any]:
+    """Evaluate classifiers voting as a generate run's labelers do (the weighted mean of their
+    probabilities, :func:`synfer_ray.labeler.rectify.rectify`; ``mirror_average`` as
+    ``labeling.mirror_average``) on labelled faces: the usual report of the vote's label, plus which
+    share of rows the vote accepts at ``tau`` and how many of those it labels right. With one model,
+    that model's own report."""
+    return evaluate_votes({"vote": (model_paths, weights)}, data_path, tau, batch_size, device,
+                          (mirror_average,))[("vote", mirror_average)]
+
+
+def evaluate_votes(ensembles: Mapping[str, tuple[Sequence[str | Path], Sequence[float] | None]], data_path: str,
+                   tau: float = 0.5, batch_size: int = 256, device: str = "auto",
+                   mirror_readings: Sequence[bool] = (False,)) -> dict[tuple[str, bool], dict[str, Any]]:
+    """:func:`evaluate_ensemble` for several votes at once, each read plainly and/or mirror-averaged
+    (``mirror_readings``), keyed ``(name, mirror_average)``: one pass over the data in which each
+    model reads each face (and its mirror image) once, however many votes it is in."""
+    import pyarrow.dataset as pads
+    import torch
+
+    from synfer_ray.classifiers import load_classifier, predict_probabilities
+    from synfer_ray.data.faces import check_labels, decode_faces, resolve_source
+    from synfer_ray.errors import SynferError
+    from synfer_ray.labeler.rectify import align_probabilities, rectify
+    if device not in ("auto", "cpu", "cuda"):
+        raise SynferError("--device", device, "auto, cpu or cuda")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SynferError("--device", device, "cpu or auto on a machine without CUDA")
+    paths = list(dict.fromkeys(str(path) for members, _ in ensembles.values() for path in members))
+    models = {path: load_classifier(path, field="model").to(device) for path in paths}
+    classes = tuple(models[paths[0]].classes)
+    source = resolve_source(data_path, "data")
+    check_labels(source, classes, "data")
+    batches = pads.dataset(source.data_path, format="parquet").to_batches(columns=["image", "label"],
+                                                                            batch_size=batch_size)
+    votes = [(name, mirror) for mirror in mirror_readings for name in ensembles]
+    matrix = {vote: np.zeros((len(classes),) * 2, np.int64) for vote in votes}
+    accepted, accepted_right = dict.fromkeys(votes, 0), dict.fromkeys(votes, 0)
+    skipped = 0
+    for batch in batches:  # streamed: the test set is never held whole
+        columns = {"image": batch.column("image").to_pylist(), "label": batch.column("label").to_pylist()}
+        by_size = {size: decode_faces(columns, classes, size, soft=False, synthetic=False)
+                   for size in {model.image_size for model in models.values()}}
+        # A face one model cannot decode is skipped by all.
+        valid = np.logical_and.reduce([decoded["valid"] for decoded in by_size.values()])
+        skipped += int((~valid).sum())
+        if not valid.any():
+            continue
+        truth = next(iter(by_size.values()))["target"][valid].argmax(axis=1)
+        readings = {}  # path -> {mirror: probabilities}
+        for path, model in models.items():
+            pixels = by_size[model.image_size]["pixels"][valid]
+            plain = align_probabilities(predict_probabilities(model, pixels, batch_size), model.classes, classes,
+                                        "model")
+            readings[path] = {False: plain}
+            if True in mirror_readings:
+                flipped = align_probabilities(predict_probabilities(model, pixels[:, :, ::-1].copy(), batch_size),
+                                              model.classes, classes, "model")
+                readings[path][True] = (plain + flipped) / 2
+        for name, mirror in votes:
+            members, weights = ensembles[name]
+            vote = rectify(np.stack([readings[str(path)][mirror] for path in members]), weights, tau)
+            matrix[(name, mirror)] += confusion_matrix(truth, vote.label_index, len(classes))
+            accepted[(name, mirror)] += int(vote.accepted.sum())
+            accepted_right[(name, mirror)] += int((vote.label_index == truth)[vote.accepted].sum())
+    reports = {}
+    for name, mirror in votes:
+        report = metrics_from_confusion(matrix[(name, mirror)], classes)
+        report.update(skipped=skipped, data=data_path, models=[str(path) for path in ensembles[name][0]],
+                      mirror_average=mirror, tau=tau,
+                      acceptance=accepted[(name, mirror)] / max(int(matrix[(name, mirror)].sum()), 1),
+                      accepted_accuracy=(accepted_right[(name, mirror)] / accepted[(name, mirror)]
+                                         if accepted[(name, mirror)] else float("nan")))
+        reports[(name, mirror)] = report
+    return reports
 
 
 def headline_figures(report: dict) -> dict:

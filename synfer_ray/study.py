@@ -32,7 +32,7 @@ from synfer_ray.config import (ADDED_GENERATE_SETTINGS, DEFAULT_SG_TARGET, Gener
                                without_added_settings)
 from synfer_ray.data.faces import resolve_source
 from synfer_ray.errors import SynferError
-from synfer_ray.evaluate import diversity_from_sums, headline_figures
+from synfer_ray.evaluate import diversity_from_sums, evaluate_model, evaluate_votes, headline_figures
 from synfer_ray.train.generator_report import (class_scales_text, curve_name, point_name, real_reference,
                                                sg_sweep, sweep_table)
 
@@ -128,7 +128,7 @@ def _classifier_description(path: str) -> dict:
 def classifier_stage(stage: StudyStage, kind: str, cache: StageCache, tracking: TrackingConfig,
                      real_test: str) -> dict:
     """Train (or take) one classifier; its accuracy on the study's real test set is measured here."""
-    from synfer_ray.train.fer import evaluate_model, run_train
+    from synfer_ray.train.fer import run_train
 
     def test_figures(model: str) -> dict:  # a class missed on real faces cannot be scored or voted for
         return headline_figures(evaluate_model(model, real_test))
@@ -210,7 +210,6 @@ def vote_stage(study: StudyConfig, guide: dict, labeler_bundle: str | None, cach
     from synfer_ray.bundle import BundleManifest
     from synfer_ray.config import LabelingConfig
     from synfer_ray.labeler.feranno import LABELER_DIR
-    from synfer_ray.train.fer import evaluate_votes
     ensembles = {"guide": ([guide["model"]], None)}
     if labeler_bundle:
         labeler = str(Path(labeler_bundle) / LABELER_DIR)

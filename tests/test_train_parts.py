@@ -202,7 +202,7 @@ def test_the_vote_on_labelled_faces_is_the_mean_of_its_models_probabilities(tiny
     import math
 
     from synfer_ray.classifiers import load_classifier, predict_probabilities
-    from synfer_ray.train.fer import evaluate_ensemble, evaluate_model
+    from synfer_ray.evaluate import evaluate_ensemble, evaluate_model
     models, test = [tiny_bundle_path / "sg_classifier", second_voter], str(separable_parquet["test"])
     alone = evaluate_model(models[0], test)
     assert evaluate_ensemble(models[:1], test)["confusion_matrix"] == alone["confusion_matrix"]
@@ -230,7 +230,7 @@ def test_the_vote_on_labelled_faces_is_the_mean_of_its_models_probabilities(tiny
                                                             len(taxonomy.AFFECTNET_7)).tolist()
     assert averaged["mirror_average"] and not every["mirror_average"]
     # Several votes in one pass over the faces (the study's vote stage): each as if evaluated alone.
-    from synfer_ray.train.fer import evaluate_votes
+    from synfer_ray.evaluate import evaluate_votes
     together = evaluate_votes({"first": (models[:1], None), "both": (models, [3.0, 1.0])}, test, tau=0.5,
                               mirror_readings=(False, True))
     assert list(together) == [("first", False), ("both", False), ("first", True), ("both", True)]
