@@ -11,10 +11,10 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar
+from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synfer_ray.errors import SynferError
 
@@ -81,6 +81,18 @@ SgTarget = Literal["text", "au", "both"]
 DEFAULT_SG_TARGET: SgTarget = "au"
 
 
+def _class_scales_are_steps(scales: dict[str, float]) -> dict[str, float]:
+    for name, scale in scales.items():
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"the scale of {name!r} must be a finite number >= 0 (percent of the steered "
+                             f"norm), got {scale}")
+    return scales
+
+
+# Class -> SG scale (percent of the steered norm): sampling's and Serve's per-class defaults.
+ClassScales = Annotated[dict[str, float], AfterValidator(_class_scales_are_steps)]
+
+
 class SamplingConfig(_Strict):
     # diffusers' own scheduler classes; DDIM stays the inversion walk whichever one samples.
     scheduler: Scheduler = "ddim"
@@ -95,21 +107,8 @@ class SamplingConfig(_Strict):
     # not on classes already legible. The SG sweep reads the best mix off each class's agreement and
     # diversity; the study's, sg_target both, sg_scale 0, {neutral: 8, sad: 8, fear: 32, anger: 8}:
     # +14.9 points at 9.6% less diversity, every class >= 48% (docs/study.md).
-    sg_class_scales: dict[str, float] = {}
+    sg_class_scales: ClassScales = {}
     sg_classifier: str | None = None
-
-    @field_validator("sg_class_scales")
-    @classmethod
-    def _class_scales_are_steps(cls, scales):
-        return class_scales_are_steps(scales)
-
-
-def class_scales_are_steps(scales: dict[str, float]) -> dict[str, float]:
-    for name, scale in scales.items():
-        if not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"the scale of {name!r} must be a finite number >= 0 (percent of the steered "
-                             f"norm), got {scale}")
-    return scales
 
 
 class VoterConfig(_Strict):
@@ -470,15 +469,10 @@ class ServeConfig(_Strict):
     # A request without sg_scale is steered at its expression's scale here, else at sg_scale: the
     # bundle's sweep-chosen per-class default (generate's sampling.sg_class_scales) served as is.
     sg_scale: float = Field(0.0, ge=0, le=100)
-    sg_class_scales: dict[str, float] = {}
+    sg_class_scales: ClassScales = {}
     max_ongoing_requests: int = Field(32, ge=1)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()
-
-    @field_validator("sg_class_scales")
-    @classmethod
-    def _class_scales_are_steps(cls, scales):
-        return class_scales_are_steps(scales)
 
 
 class PipelineConfig(_Strict):
