@@ -44,7 +44,9 @@ class FERClassifier(nn.Module):
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False, antialias=True)
-        return (images - self.mean) / self.std
+        # In the backbone's dtype: DeepSpeed's mixed precision casts parameters but keeps buffers (these
+        # mean/std) in fp32, and fp16 pixels minus an fp32 mean would reach the half weights as fp32.
+        return ((images - self.mean) / self.std).to(self.model.dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=self.pixel_values(images)).logits

@@ -256,3 +256,31 @@ def test_mirror_averaged_probabilities_are_the_mean_over_a_face_and_its_mirror(t
     voters = load_voters([VoterConfig(path=str(tiny_bundle_path / "sg_classifier"))])
     votes = PseudoLabeler(voters, model.classes, mirror_average=True).probabilities(faces)
     np.testing.assert_allclose(votes[0], (plain + flipped) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "small_convnext", "feranno"])
+def test_classifiers_train_on_deepspeeds_half_weights_beside_fp32_buffers(arch, tiny_bundle_path):
+    """DeepSpeed >= 0.19's bf16/fp16 casts a model's parameters and, unless its config names a
+    buffer dtype, keeps its buffers (batch-norm statistics, normalisation constants, FERAnno's text
+    context) in fp32: the H200 check failed `synfer train` and `synfer study` in fp16 on this. With
+    the config `synfer train` gives DeepSpeed, cast by DeepSpeed's own code, a half batch trains."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.config import DtypeEnum
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from synfer_ray.classifiers import build_classifier
+    from synfer_ray.train.fer import TrainJob, _deepspeed_config
+    job = SimpleNamespace(**{field: None for field in TrainJob.__dataclass_fields__})
+    job.precision = "bf16"
+    buffer_dtype = DtypeEnum(_deepspeed_config(job)["data_types"]["buffer_dtype"]).value
+    model = build_classifier(arch, taxonomy.AFFECTNET_7, 48, bundle=str(tiny_bundle_path),
+                             labeler={"dim": 32, "heads": 2} if arch == "feranno" else None)
+    DeepSpeedEngine._cast_module_mixed_precision(SimpleNamespace(module=model), torch.bfloat16, buffer_dtype,
+                                                 False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    logits = model.train()(torch.rand(4, 3, 48, 48).to(torch.bfloat16))
+    assert logits.dtype == torch.bfloat16 and logits.shape == (4, 7)
+    soft_cross_entropy(logits.float(), torch.eye(7)[:4]).backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in trained)

@@ -114,12 +114,16 @@ class DiffusionFeatures(nn.Module):
         if images.shape[-1] != self.resolution:
             images = F.interpolate(images, size=(self.resolution,) * 2, mode="bilinear", align_corners=False,
                                    antialias=True)
-        images = images.to(self.context.dtype)
+        # The weights' dtype, not the buffers': DeepSpeed's mixed precision casts parameters only, so
+        # under it `signal` and `context` stay fp32 beside half weights.
+        dtype = self.unet.dtype
+        images = images.to(dtype)
         latents = self.vae.encode(images * 2 - 1).latent_dist.mean * self.vae.config.scaling_factor
         # On the latents' device: diffusers moves only 0-d timesteps itself.
         timestep = torch.full((images.shape[0],), self.settings.timestep, dtype=torch.long, device=latents.device)
         # x_t at a tiny t without noise: the image itself, as the UNet sees it at that step.
-        self.unet(latents * self.signal, timestep, encoder_hidden_states=self.context.expand(images.shape[0], -1, -1),
+        context = self.context.to(dtype).expand(images.shape[0], -1, -1)
+        self.unet((latents * self.signal).to(dtype), timestep, encoder_hidden_states=context,
                   cross_attention_kwargs={"au_scale": 0.0})
         grid = (self.size, self.size)
         features = torch.cat([F.interpolate(self._features[n].float(), size=grid, mode="bilinear",

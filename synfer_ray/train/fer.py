@@ -70,6 +70,9 @@ def _deepspeed_config(job: TrainJob) -> dict[str, Any]:
             "bf16": {"enabled": job.precision == "bf16"},
             # Dynamic loss scaling (loss_scale 0), as DeepSpeed recommends for fp16.
             "fp16": {"enabled": job.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+            # DeepSpeed >= 0.19 casts only parameters unless told: batch norm's running statistics in
+            # fp32 beside half weights is refused on CPU (and depends on the kernel on CUDA).
+            **({"data_types": {"buffer_dtype": job.precision}} if job.precision != "fp32" else {}),
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
