@@ -31,7 +31,7 @@ test: $(STAMP) browser
 # `make gpu-test` the tests marked gpu the same way.
 # The session's device tool calls (the same as `make gpu-check` / `make gpu-bench`, without make):
 #   run(command="bash cluster/gpu/with-wheels.sh build/gpu-wheels/site.tar.xz cluster/gpu/check.py",
-#       carry=["build/gpu-wheels"], timeout_s=480)
+#       carry=["build/gpu-wheels"], timeout_s=600)
 #   run(command="bash cluster/gpu/with-wheels.sh build/gpu-wheels/site.tar.xz benchmarks/bench_gpu.py",
 #       carry=["build/gpu-wheels"], timeout_s=300)
 # A CPU dry run here (GPU_PYTHON: a venv holding only the device's packages, see the README):

@@ -4,7 +4,7 @@ On a session's GPU machine (the device tool), after `make gpu-wheels` here (`mak
 is the same command; this one does not need make):
 
     run(command="bash cluster/gpu/with-wheels.sh build/gpu-wheels/site.tar.xz cluster/gpu/check.py",
-        carry=["build/gpu-wheels"], timeout_s=480)
+        carry=["build/gpu-wheels"], timeout_s=600)  # more than 480 s on the H200
 
 The same logic on CPU (a dry run of everything but CUDA; see cluster/gpu/README.md):
 
