@@ -233,20 +233,26 @@ class GuidedSampler:
         for i, t in enumerate(scheduler.timesteps):
             # The UNet's input: x_t at the VP scale (Euler keeps x0 + sigma * eps and scales it here).
             model_input = scheduler.scale_model_input(latents, t)
+            guiding = i in sg_at
             with torch.no_grad():
-                if use_cfg:
+                # At a guided step the conditional output is made only after the conditions move, so
+                # only the unconditional half is made now (the other would be thrown away).
+                if use_cfg and not guiding:
                     both = self._eps(torch.cat([model_input, model_input]), t, torch.cat([text_uncond, text]),
                                      torch.cat([au_uncond, au_cond]), settings.au_scale)
                     eps_uncond, eps_cond = both.chunk(2)
+                elif use_cfg:
+                    eps_uncond = self._eps(model_input, t, text_uncond, au_uncond, settings.au_scale)
                 else:
-                    eps_uncond, eps_cond = None, self._eps(model_input, t, text, au_cond, settings.au_scale)
+                    eps_uncond = None
+                    eps_cond = None if guiding else self._eps(model_input, t, text, au_cond, settings.au_scale)
 
             def guided(eps_text: torch.Tensor) -> torch.Tensor:
                 if eps_uncond is None:
                     return eps_text
                 return eps_uncond + settings.cfg_scale * (eps_text - eps_uncond)
 
-            if i in sg_at:
+            if guiding:
                 moved, _ = semantic_guidance_step(
                     {"text": text, "au": au_cond}, SG_TARGETS[settings.sg_target],
                     lambda text, au: guided(self._eps(model_input, t, text, au, settings.au_scale)),
