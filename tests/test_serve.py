@@ -345,6 +345,13 @@ def test_web_page_tunes_aus_and_compares_sg_in_headless_chromium(server, tmp_pat
     # The page's SG-on image is what the API returns for that request.
     direct = post(server, records[1]["request"]).json()["images"][0]["png_base64"]
     assert direct == shown_pngs[1]
+    # The SG field starts at the server's scale for the expression: the secure app steers sad at 3 and
+    # leaves happy unguided, where the page falls back to 8 so that its two columns still differ.
+    for expression, server_scale, field in (("sad", "3", "3"), ("happy", "0", "8")):
+        page = subprocess.run([*flags, "--dump-dom", f"{server}/secure/?expression={expression}"],
+                              capture_output=True, text=True, timeout=180).stdout
+        assert f'<small id="sg_default">server: {server_scale}</small>' in page, page[-3000:]
+        assert re.search(rf'<input id="sg_scale"[^>]* value="{field}"', page), page[-3000:]
     subprocess.run([*flags, f"--screenshot={tmp_path / 'page.png'}", "--window-size=1100,900", url],
                    capture_output=True, timeout=180)
     assert (tmp_path / "page.png").stat().st_size > 5000
