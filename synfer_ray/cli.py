@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from synfer_ray.config import DEFAULT_SG_TARGET
+from synfer_ray.config import DEFAULT_SG_TARGET, DIVERSITY_TOLERANCE
 from synfer_ray.errors import SynferError
 
 app = typer.Typer(help="Make labelled synthetic facial-expression datasets with SynFER, on Ray.",
@@ -174,7 +174,7 @@ def bundle_sg_sweep(
     sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
     real_faces: Optional[str] = typer.Option(None, help="Labelled real faces (Parquet): the same readings of "
                                                         "as many real faces per class, a row to compare with."),
-    tolerance: float = typer.Option(0.10, help=TOLERANCE_HELP),
+    tolerance: float = typer.Option(DIVERSITY_TOLERANCE, help=TOLERANCE_HELP),
 ) -> None:
     """Evaluator agreement, diversity and a contact sheet for each SG target and scale."""
     from synfer_ray.generator.sampler import SamplerSettings
@@ -201,7 +201,7 @@ def bundle_sg_pool(
     sweeps: list[Path] = typer.Argument(..., help="Two or more sg-sweep output directories of one bundle, "
                                                   "evaluator and sampler, made at different --seed values."),
     out: Path = typer.Option(..., help="Directory for the pooled sweep.json and sweep.md."),
-    tolerance: float = typer.Option(0.10, help=TOLERANCE_HELP),
+    tolerance: float = typer.Option(DIVERSITY_TOLERANCE, help=TOLERANCE_HELP),
 ) -> None:
     """Several seeds' sweeps read as one: every point's readings averaged, the default rule and the
     per-class mixes read off all their faces (fewer lucky picks than one seed's 50 faces a class)."""

@@ -79,6 +79,8 @@ Shuffle = Literal["global", "blocks"]
 # is the faces-48 sweep's best agreement within 10% of no SG's diversity (docs/sg_sweep/faces48_v2.md).
 SgTarget = Literal["text", "au", "both"]
 DEFAULT_SG_TARGET: SgTarget = "au"
+# How much within-class diversity SG may cost against no SG when a sweep picks a default.
+DIVERSITY_TOLERANCE = 0.10
 
 
 def _class_scales_are_steps(scales: dict[str, float]) -> dict[str, float]:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from synfer_ray import taxonomy
-from synfer_ray.config import QualityConfig
+from synfer_ray.config import DIVERSITY_TOLERANCE, QualityConfig
 from synfer_ray.errors import SynferError
 from synfer_ray.evaluate import diversity_by_class, pixel_vectors, within_class_diversity
 from synfer_ray.images import png_bytes
@@ -20,8 +20,6 @@ from synfer_ray.reports import contact_sheet
 
 if TYPE_CHECKING:
     from synfer_ray.generator.sampler import SamplerSettings
-
-DIVERSITY_TOLERANCE = 0.10  # how much within-class diversity SG may cost against no SG
 
 
 def sample_grid_requests(classes: Sequence[str], au_names: Sequence[str], per_class: int, seed: int,
