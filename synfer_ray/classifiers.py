@@ -63,21 +63,31 @@ def _pixels(model: nn.Module, images) -> torch.Tensor:
     return (pixels.float() / 255).to(weight.dtype)
 
 
-@torch.no_grad()
 def predict_probabilities(model: nn.Module, images, batch_size: int = 256, mirror_average: bool = False):
     """(rows, H, W, 3) uint8 numpy images -> (rows, classes) softmax probabilities (numpy, fp32). With
     ``mirror_average``, the mean of each face's and its mirror image's: an expression reads the same
     mirrored, a model's errors often do not (FERAnno's diffusion features are not mirror-symmetric)."""
+    plain, averaged = predict_readings(model, images, batch_size, mirrored=mirror_average)
+    return averaged if mirror_average else plain
+
+
+@torch.no_grad()
+def predict_readings(model: nn.Module, images, batch_size: int = 256, mirrored: bool = False):
+    """(plain probabilities, mirror-averaged ones or None) as :func:`predict_probabilities` gives each,
+    from one pass in which the model reads each face (and, if ``mirrored``, its mirror image) once."""
     import numpy as np
     model.eval()
-    out = []
+    plain, averaged = [], []
     for start in range(0, len(images), batch_size):
         pixels = _pixels(model, images[start:start + batch_size])
         probabilities = torch.softmax(model(pixels).float(), dim=1)
-        if mirror_average:
-            probabilities = (probabilities + torch.softmax(model(pixels.flip(-1)).float(), dim=1)) / 2
-        out.append(probabilities.cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        plain.append(probabilities.cpu().numpy())
+        if mirrored:
+            flipped = torch.softmax(model(pixels.flip(-1)).float(), dim=1)
+            averaged.append(((probabilities + flipped) / 2).cpu().numpy())
+    if not plain:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32) if mirrored else None
+    return np.concatenate(plain), np.concatenate(averaged) if mirrored else None
 
 
 @torch.no_grad()
@@ -154,13 +164,9 @@ def build_classifier(arch: str, classes: Sequence[str], image_size: int, pretrai
     head over ``classes`` when the label sets differ; ``feranno`` is a fresh FERAnno head over the
     frozen diffusion features of ``bundle`` (``labeler`` holds its feature settings and sizes)."""
     if arch == "feranno":
-        from synfer_ray.labeler.features import settings_from_config
+        from synfer_ray.config import LabelerModelConfig
         from synfer_ray.labeler.feranno import new_feranno
-        labeler = dict(labeler or {})
-        dim, heads = labeler.pop("dim", 128), labeler.pop("heads", 4)
-        standardize = labeler.pop("standardize_inputs", True)
-        return new_feranno(bundle, classes, settings_from_config(labeler), dim=dim, heads=heads, seed=seed,
-                           standardize_inputs=standardize)
+        return new_feranno(bundle, classes, LabelerModelConfig.model_validate(labeler or {}), seed=seed)
     if pretrained:
         labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
                   "label2id": {c: i for i, c in enumerate(classes)}}

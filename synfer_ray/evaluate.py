@@ -105,7 +105,7 @@ def evaluate_votes(ensembles: Mapping[str, tuple[Sequence[str | Path], Sequence[
     import pyarrow.dataset as pads
     import torch
 
-    from synfer_ray.classifiers import load_classifier, predict_probabilities
+    from synfer_ray.classifiers import load_classifier, predict_readings
     from synfer_ray.data.faces import check_labels, decode_faces, resolve_source
     from synfer_ray.errors import SynferError
     from synfer_ray.labeler.rectify import align_probabilities, rectify
@@ -139,13 +139,10 @@ def evaluate_votes(ensembles: Mapping[str, tuple[Sequence[str | Path], Sequence[
         readings = {}  # path -> {mirror: probabilities}
         for path, model in models.items():
             pixels = by_size[model.image_size]["pixels"][valid]
-            plain = align_probabilities(predict_probabilities(model, pixels, batch_size), model.classes, classes,
-                                        "model")
-            readings[path] = {False: plain}
-            if True in mirror_readings:
-                flipped = align_probabilities(predict_probabilities(model, pixels[:, :, ::-1].copy(), batch_size),
-                                              model.classes, classes, "model")
-                readings[path][True] = (plain + flipped) / 2
+            plain, averaged = predict_readings(model, pixels, batch_size, mirrored=True in mirror_readings)
+            readings[path] = {mirror: align_probabilities(probabilities, model.classes, classes, "model")
+                              for mirror, probabilities in ((False, plain), (True, averaged))
+                              if probabilities is not None}
         for name, mirror in votes:
             members, weights = ensembles[name]
             vote = rectify(np.stack([readings[str(path)][mirror] for path in members]), weights, tau)

@@ -14,7 +14,7 @@ from conftest import WorkerKiller, separable_faces
 from synfer_ray import taxonomy
 from synfer_ray.bundle import load_bundle
 from synfer_ray.classifiers import load_classifier
-from synfer_ray.config import AdapterTrainConfig, GenerateConfig, TrainConfig, build_config
+from synfer_ray.config import AdapterTrainConfig, GenerateConfig, LabelerModelConfig, TrainConfig, build_config
 from synfer_ray.errors import SynferError
 from synfer_ray.labeler.features import FeatureSettings, features_for_bundle
 from synfer_ray.labeler.feranno import new_feranno
@@ -42,7 +42,7 @@ def test_feranno_saves_and_loads_with_its_bundle(tiny_bundle_path, tmp_path):
     import shutil
     bundle_copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle_path, bundle_copy)
-    model = new_feranno(bundle_copy, taxonomy.AFFECTNET_7, FeatureSettings(), dim=32, heads=2)
+    model = new_feranno(bundle_copy, taxonomy.AFFECTNET_7, LabelerModelConfig(dim=32, heads=2))
     images = torch.rand(2, 3, 48, 48)
     with torch.no_grad():
         model.train()(torch.rand(4, 3, 48, 48))  # moves the input standardisation's running statistics

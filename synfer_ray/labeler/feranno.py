@@ -20,8 +20,9 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
+from synfer_ray.config import LabelerModelConfig
 from synfer_ray.errors import SynferError
-from synfer_ray.labeler.features import DiffusionFeatures, FeatureSettings, features_for_bundle, settings_from_config
+from synfer_ray.labeler.features import DiffusionFeatures, features_for_bundle, settings_from_config
 
 LABELER_DIR = "labeler"
 
@@ -118,19 +119,21 @@ def unet_sha256(bundle_path: Path) -> str:
     return digest.hexdigest()
 
 
-def new_feranno(bundle_path: str | Path, classes: Sequence[str], settings: FeatureSettings, dim: int = 128,
-                heads: int = 4, seed: int = 0, standardize_inputs: bool = True) -> FERAnnoClassifier:
-    """A fresh head over the bundle's frozen diffusion features."""
+def new_feranno(bundle_path: str | Path, classes: Sequence[str], model: LabelerModelConfig,
+                seed: int = 0) -> FERAnnoClassifier:
+    """A fresh head, sized and fed as ``model`` (``model.labeler`` of a training config) says, over the
+    bundle's frozen diffusion features."""
     from synfer_ray.bundle import load_bundle
     bundle_path = Path(bundle_path).resolve()
     bundle = load_bundle(bundle_path)
+    settings = settings_from_config(model.model_dump(exclude={"dim", "heads", "standardize_inputs"}))
     extractor = features_for_bundle(bundle, settings)
     feature_channels, attention_channels = extractor.channels()
     torch.manual_seed(seed)
     head = FERAnno(classes=list(classes), feature_channels=feature_channels, attention_channels=attention_channels,
-                   grid=extractor.size, features=settings.as_config(), dim=dim, heads=heads,
+                   grid=extractor.size, features=settings.as_config(), dim=model.dim, heads=model.heads,
                    bundle=str(bundle_path), unet_sha256=unet_sha256(bundle_path),
-                   standardize_inputs=standardize_inputs)
+                   standardize_inputs=model.standardize_inputs)
     return FERAnnoClassifier(extractor, head)
 
 
