@@ -18,7 +18,8 @@ end-to-end figure is printed beside it). Peak memory is
 ``torch.cuda.max_memory_allocated`` per configuration in this process (both models' weights
 included); the pipeline's actors are other processes, so its figure is nvidia-smi's rise.
 Prints the three target lines: same work as diffusers >= 0.95x, pipeline vs sampler >= 0.9x, SG
-time vs CFG time <= 2.5x.
+time vs CFG time <= 2.5x; then the parts of one guided step (the CFG pass, and the UNet, the VAE
+decoder and the guide each forward and backward) timed alone, to say where SG's time goes.
 """
 
 from __future__ import annotations
@@ -151,11 +152,18 @@ def time_samplers(bundle_path: Path, args, device: torch.device, dtype: torch.dt
         f"synfer, CFG {args.cfg:g} + AU 1 + SG {args.sg_scale:g}": ours(cfg_scale=args.cfg, au_scale=1.0,
                                                                          sg_scale=args.sg_scale),
     }
+    best, peak = time_runs(runs, args.repeats, device)
+    parts = time_runs(sg_step_parts(sampler, requests, device), args.repeats, device)
+    return best, peak, size, parts
+
+
+def time_runs(runs: dict, repeats: int, device: torch.device) -> tuple[dict[str, float], dict[str, int | None]]:
+    """Best seconds and peak MiB (CUDA) of each callable, after one warm-up each, interleaved."""
     best = dict.fromkeys(runs, float("inf"))
     peak: dict[str, int | None] = dict.fromkeys(runs)
     for run in runs.values():
         run()  # warm-up: kernels, allocator, cuDNN's choices
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, run in runs.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -166,7 +174,49 @@ def time_samplers(bundle_path: Path, args, device: torch.device, dtype: torch.dt
             best[name] = min(best[name], time.perf_counter() - start)
             if device.type == "cuda":
                 peak[name] = max(peak[name] or 0, torch.cuda.max_memory_allocated(device) // 2**20)
-    return best, peak, size
+    return best, peak
+
+
+def sg_step_parts(sampler: GuidedSampler, requests: list, device: torch.device) -> dict:
+    """The pieces of one guided step on this batch, each alone, to say where SG's time goes: the CFG
+    pass every step makes, and the UNet, the VAE decoder and the guide each forward and backward as
+    semantic guidance runs them (synfer_ray.generator.guidance.semantic_guidance_step)."""
+    import numpy as np
+    import torch.nn.functional as F
+    bundle, batch = sampler.bundle, len(requests)
+    generator = torch.Generator().manual_seed(0)
+    side = bundle.unet.config.sample_size
+    latents = torch.randn(batch, bundle.unet.config.in_channels, side, side, generator=generator).to(device)
+    t = torch.tensor(500, device=device)
+    text = sampler.encode_prompts([r.prompt for r in requests])
+    aus = sampler._au_tokens(np.stack([np.asarray(r.aus, np.float32) for r in requests])).float()
+    text_uncond = sampler._uncond_text(batch)
+    aus_uncond = bundle.au_adapter.unconditional(batch, device, sampler.dtype)
+    targets = torch.tensor([sampler.sg_classes.index(r.target) for r in requests], device=device)
+
+    def cfg_pass():
+        with torch.no_grad():
+            sampler._eps(torch.cat([latents, latents]), t, torch.cat([text_uncond, text]),
+                         torch.cat([aus_uncond, aus]), 1.0)
+
+    def unet_with_gradients():
+        steered = text.detach().requires_grad_(True)
+        sampler._eps(latents, t, steered, aus, 1.0).sum().backward()
+
+    def decoder_with_gradients():
+        x0 = latents.detach().requires_grad_(True)
+        sampler.decode(x0).float().sum().backward()
+
+    images = sampler.decode(latents).float().detach()
+
+    def guide_with_gradients():
+        pixels = images.detach().requires_grad_(True)
+        F.cross_entropy(sampler.sg_classifier(pixels).float(), targets).backward()
+
+    return {"CFG pass (2 x batch, no gradients)": cfg_pass,
+            "UNet forward + backward (batch)": unet_with_gradients,
+            "VAE decoder forward + backward (batch)": decoder_with_gradients,
+            "guide forward + backward (batch)": guide_with_gradients}
 
 
 def main() -> None:
@@ -200,7 +250,7 @@ def main() -> None:
         make_bundle(bundle_path, args.arch, args.resolution, dtype)
         print(f"made a random {args.arch} bundle at {args.resolution}px in {time.perf_counter() - began:.0f} s",
               flush=True)
-    best, peak, size = time_samplers(bundle_path, args, device, dtype)
+    best, peak, size, (part_seconds, part_peak) = time_samplers(bundle_path, args, device, dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the samplers' models are gone: the pipeline's actors get the GPU
     rates = {name: args.batch / seconds for name, seconds in best.items()}
@@ -227,6 +277,11 @@ def main() -> None:
     for label, ratio, sense, target in checks:
         met = ratio >= target if sense == ">=" else ratio <= target
         print(f"target: {label}: {ratio:.2f}x ({sense} {target}) {'met' if met else 'NOT MET'}")
+    cfg_pass = next(iter(part_seconds.values()))
+    print(f"one guided step's parts, best of {args.repeats} (ms; x the CFG pass every step makes; peak MiB):")
+    for label, seconds in part_seconds.items():
+        memory = "-" if part_peak[label] is None else part_peak[label]
+        print(f"  {label:44s} {seconds * 1000:9.1f} {seconds / cfg_pass:7.2f}x {memory:>9}")
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
 
