@@ -90,11 +90,16 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirement(name: str, pinned: dict[str, str]) -> str:
+def version_of(name: str, pinned: dict[str, str]) -> str:
+    """The version of ``name`` the archive holds: its archive pin, else constraints.txt's."""
     version = ARCHIVE_PINS.get(name) or pinned.get(normalise(name))
     if version is None:
         raise SystemExit(f"error: {name} has no exact version in constraints.txt; pin it there first")
-    return f"{name}=={version}"
+    return version
+
+
+def requirement(name: str, pinned: dict[str, str]) -> str:
+    return f"{name}=={version_of(name, pinned)}"
 
 
 def pip(*args: str, env: dict | None = None) -> None:
@@ -202,7 +207,7 @@ def build(python: str, out: Path, work: Path, limit_mib: float) -> Path:
     print("building deepspeed (DS_BUILD_OPS=0, no compiled ops)", flush=True)
     # The download folder is a cache: a pin changed since the last build leaves the old wheel beside
     # the new one, so only the wheel at the wanted version counts.
-    wanted_versions = {normalise(name): requirement(name, pinned).split("==")[1] for name in binary}
+    wanted_versions = {normalise(name): version_of(name, pinned) for name in binary}
     found = {wheel_name(w): w for w in wheels.glob("*.whl")
              if wanted_versions.get(wheel_name(w)) == w.name.split("-")[1]}
     found["deepspeed"] = deepspeed_wheel(work / "deepspeed", pinned)
