@@ -370,12 +370,14 @@ def against_baseline(made: dict, plain: dict) -> dict:
 
 
 def sweep_base_settings(study: StudyConfig):
-    """The sweep's base sampler settings: the study's, with one scale for every class at each point
-    (the sweep is what per-class scales are read from)."""
+    """The sweep's base sampler settings: the study's, less what each point sets for itself (SG scale,
+    target and step rule, one scale for every class; the sweep is what per-class scales are read
+    from). So the study's own SG choice, which the sweep informs, does not make the sweep again."""
     import dataclasses
 
     from synfer_ray.generator.sampler import SamplerSettings
-    return dataclasses.replace(SamplerSettings.from_config(study.generation.sampling), sg_class_scales=())
+    return dataclasses.replace(SamplerSettings.from_config(study.generation.sampling), sg_scale=0.0,
+                               sg_target=DEFAULT_SG_TARGET, sg_adaptive=False, sg_class_scales=())
 
 
 def sweep_key(study: StudyConfig, bundle_hash: str, guide_sha256: str, evaluator_sha256: str) -> dict:

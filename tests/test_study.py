@@ -294,7 +294,12 @@ def test_class_scales_reach_the_guided_conditions_and_not_the_sweeps_key(tmp_pat
     # Empty, the key is the one stages cached before the setting existed; set, the stage is a new one.
     assert "sg_class_scales" not in _generate_fields(off, {"output"})["sampling"]
     assert config_hash(_generate_fields(on, {"output"})) != config_hash(_generate_fields(off, {"output"}))
-    # The sweep steers every class alike at each point: its key, and its cached stage, stay as they were.
-    assert sweep_key(build_config(StudyConfig, raw), "b", "g", "e") == sweep_key(
-        build_config(StudyConfig, {**raw, "generation": {"sampling": {"sg_scale": 8.0}}}), "b", "g", "e")
+    # Each sweep point sets its own scale, target and step rule, every class alike: the study's SG
+    # choice, which the sweep informs, leaves its key (and its cached stage) as it was.
+    swept = sweep_key(build_config(StudyConfig, raw), "b", "g", "e")
+    for sampling in ({"sg_scale": 8.0}, {"sg_scale": 32.0, "sg_target": "both", "sg_adaptive": True}, {}):
+        assert sweep_key(build_config(StudyConfig, {**raw, "generation": {"sampling": sampling}}), "b", "g", "e") \
+            == swept
+    assert swept != sweep_key(build_config(StudyConfig, {**raw, "generation": {"sampling": {"sg_window": 0.8}}}),
+                              "b", "g", "e")
     assert "sg_class_scales" not in sweep_key(build_config(StudyConfig, raw), "b", "g", "e")["settings"]
