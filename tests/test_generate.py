@@ -319,7 +319,9 @@ def targets_config(output: Path, **change) -> dict:
         "bundle": str(FACES_48), "output": str(output), "seed": 5, "rows_per_shard": 4, "count": 14,
         "accepted_per_class": {"happy": 4, "sad": 4, "surprise": 3}, "max_rows": 300,
         "sampling": {"steps": 4, "scheduler": "dpmpp_2m"},
-        "labeling": {"voters": [{"path": str(FACES_48 / "sg_classifier"), "name": "guide"}], "tau": 0.3},
+        # The guide alone (not the bundle's FERAnno too): the rates this test was sized by.
+        "labeling": {"voters": [{"path": str(FACES_48 / "sg_classifier"), "name": "guide"}], "tau": 0.3,
+                     "bundle_labeler": False},
         "generator": {"min_actors": 1, "max_actors": 1, "num_cpus": 1, "batch_size": 8},
         "labeler": {"min_actors": 1, "max_actors": 1, "num_cpus": 0.5},
         "tracking": {"enabled": False}, **change,
