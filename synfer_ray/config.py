@@ -130,7 +130,7 @@ class LabelingConfig(_Strict):
     keep_rejected: bool = True
     # Each voter reads a face and its mirror image and votes their mean (twice the labeling compute).
     # FER-2013 test (synfer evaluate --mirror-average): faces-48's guide 55.8% -> 56.3%; the study's
-    # FERAnno 50.5% -> 52.7% and guide 53.3% -> 53.9% (docs/study.md).
+    # FERAnno 53.0% -> 55.1%, guide 53.0% -> 53.9%, their vote 55.2% -> 56.8% (docs/study.md).
     mirror_average: bool = False
 
 
