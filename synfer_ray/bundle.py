@@ -204,9 +204,27 @@ def _seal(path: Path, au_adapter: AUAdapter, classes: Sequence[str], resolution:
           sg_classifier: FERClassifier | None, base_model: str | None,
           training: dict | None = None) -> BundleManifest:
     au_adapter.save_pretrained(path / "au_adapter", safe_serialization=True)
+    return _write_manifest(path, au_adapter.config.au_names, classes, resolution, sg_classifier, base_model, training)
+
+
+def drop_load_paths(path: Path) -> None:
+    """Remove ``_name_or_path`` from the components' configs: diffusers writes there the directory a
+    component was loaded from (a training run's staging folder), which would make the content hash,
+    and every cache keyed by it, depend on where the bundle was made rather than on what it holds.
+    Loading sets the field anew."""
+    for config_file in sorted(path.glob("*/config.json")):
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_manifest(path: Path, au_names: Sequence[str], classes: Sequence[str], resolution: int,
+                    sg_classifier: FERClassifier | None, base_model: str | None,
+                    training: dict | None) -> BundleManifest:
     if sg_classifier is not None:
         sg_classifier.save_pretrained(path / "sg_classifier")
-    manifest = BundleManifest(classes=tuple(classes), au_names=tuple(au_adapter.config.au_names),
+    drop_load_paths(path)
+    manifest = BundleManifest(classes=tuple(classes), au_names=tuple(au_names),
                               resolution=resolution, base_model=base_model, versions=_versions(),
                               training=training, content_hash=content_hash(path, base_model))
     manifest.write(path)
@@ -216,10 +234,13 @@ def _seal(path: Path, au_adapter: AUAdapter, classes: Sequence[str], resolution:
 def seal_bundle(path: str | Path, classes: Sequence[str], resolution: int,
                 sg_classifier: FERClassifier | None = None, training: dict | None = None,
                 base_model: str | None = None) -> BundleManifest:
-    """Write the manifest of a directory that already holds its components and ``au_adapter/``."""
+    """Write the manifest of a directory that already holds its components and ``au_adapter/``.
+
+    The adapter's files are left as they are: loading and saving it again would store fp16 weights
+    as fp32 and write the staging directory into its config as ``_name_or_path``."""
     path = Path(path)
-    adapter = _load_component(AUAdapter, str(path), "au_adapter", use_safetensors=True)
-    return _seal(path, adapter, classes, resolution, sg_classifier, base_model=base_model, training=training)
+    adapter_config = _load_component(AUAdapter, str(path), "au_adapter", method="load_config")
+    return _write_manifest(path, adapter_config["au_names"], classes, resolution, sg_classifier, base_model, training)
 
 
 def export_bundle(source: str | Path, target: str | Path, dtype: torch.dtype = torch.float16,
@@ -244,6 +265,7 @@ def export_bundle(source: str | Path, target: str | Path, dtype: torch.dtype = t
         save_file(tensors, file, metadata=metadata)
     if card is not None:
         (staged / "README.md").write_text(card)
+    drop_load_paths(staged)
     exported = BundleManifest(classes=manifest.classes, au_names=manifest.au_names, resolution=manifest.resolution,
                               base_model=manifest.base_model, versions=manifest.versions, training=manifest.training,
                               content_hash=content_hash(staged, manifest.base_model))

@@ -135,3 +135,24 @@ def test_make_random_tiny_is_make_tiny_stored_in_fp16_by_default(tmp_path, tiny_
     weights = load_file(tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.safetensors")
     assert half.content_hash != same.content_hash and {t.dtype for t in weights.values()} == {torch.float16}
     load_bundle(tmp_path / "fp16")  # the hash verifies and the weights load into fp32
+
+
+def test_a_new_bundle_version_keeps_the_other_files_and_hashes_alike_wherever_it_is_made(tiny_bundle_path, tmp_path):
+    from synfer_ray.bundle import export_bundle, new_bundle_version
+    export_bundle(tiny_bundle_path, tmp_path / "fp16")  # fp16 weights, as models/faces-48 ships them
+    hashes = []
+    for place in ("a", "b"):
+        source, labeler = tmp_path / place / "source", tmp_path / place / "labeler"
+        shutil.copytree(tmp_path / "fp16", source)
+        labeler.mkdir()
+        # what diffusers writes when it saves a component it loaded: the directory it came from
+        (labeler / "config.json").write_text(json.dumps({"_name_or_path": str(labeler), "dim": 8}))
+        manifest = new_bundle_version(source, tmp_path / place / "bundle", {"labeler": labeler}, {"job": "test"})
+        hashes.append(manifest.content_hash)
+        made = tmp_path / place / "bundle"
+        adapter = "au_adapter/diffusion_pytorch_model.safetensors"
+        assert (made / adapter).read_bytes() == (tmp_path / "fp16" / adapter).read_bytes()  # not re-saved as fp32
+        assert all("_name_or_path" not in json.loads(f.read_text()) for f in made.glob("*/config.json"))
+        assert json.loads((made / "labeler" / "config.json").read_text()) == {"dim": 8}
+        load_bundle(made)  # the hash verifies
+    assert hashes[0] == hashes[1]

@@ -99,11 +99,13 @@ def test_feranno_learns_a_separable_set_on_two_workers(trained_labeler):
 
 
 @pytest.mark.slow
-def test_generation_pipeline_votes_with_the_bundles_labeler(trained_labeler, ray_cluster, tmp_path):
+def test_generation_pipeline_votes_with_the_bundles_labeler(trained_labeler, ray_cluster, tiny_bundle_path, tmp_path):
     from synfer_ray.generate import run_generate
     summary, output = trained_labeler
     bundle = output / "bundle"
-    assert (bundle / "labeler" / "config.json").is_file()
+    # inside the bundle the head reads the enclosing UNet; the trained head outside names its bundle
+    assert json.loads((bundle / "labeler" / "config.json").read_text())["bundle"] is None
+    assert json.loads((output / "model" / "config.json").read_text())["bundle"] == str(tiny_bundle_path.resolve())
     assert load_bundle(bundle).manifest.training["steps"][0]["job"] == "train-labeler"
     config = build_config(GenerateConfig, {
         "bundle": str(bundle), "output": str(tmp_path / "dataset"), "count": 8, "rows_per_shard": 8,

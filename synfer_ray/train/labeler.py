@@ -9,6 +9,8 @@ then use as a voter.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,24 @@ def run_train_labeler(config: TrainConfig, overwrite: bool = False) -> dict[str,
     BundleManifest.read(Path(config.model.bundle))  # a clear error before any Ray work
     summary = run_train(config, overwrite=overwrite)
     output = Path(config.output).resolve()
-    manifest = new_bundle_version(config.model.bundle, output / BUNDLE_DIR, {LABELER_DIR: output / MODEL_DIR},
+    installed = head_for_bundle(output / MODEL_DIR, output / "labeler-for-bundle")
+    manifest = new_bundle_version(config.model.bundle, output / BUNDLE_DIR, {LABELER_DIR: installed},
                                   {"job": "train-labeler", "mlflow_run_id": summary.get("mlflow_run_id"),
                                    "test": summary.get("test")})
+    shutil.rmtree(installed)
     summary["bundle"] = str(output / BUNDLE_DIR)
     summary["bundle_hash"] = manifest.content_hash
     return summary
+
+
+def head_for_bundle(head: Path, target: Path) -> Path:
+    """A copy of the trained head without the path of the bundle it was trained on: inside a bundle
+    the head reads the enclosing bundle's UNet (checked by its hash), and that path would only tie
+    the new bundle's content hash to the machine and directory it was made in."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(head, target)
+    config_file = target / "config.json"
+    config = json.loads(config_file.read_text())
+    config["bundle"] = None
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return target
