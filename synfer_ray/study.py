@@ -815,13 +815,15 @@ def write_report(study: StudyConfig, results: dict, classes: Sequence[str], dire
               f"{SYNTHETIC_ROWS[study.downstream.synthetic_rows]}), the first rows of "
               f"{'the headline set' if results.get('headline_synthetic') else 'a set of rows made for the largest multiple'}"
               f"; seeds {study.downstream.seeds}; "
-              f"chance = {100 / len(classes):.1f}. Every model picks its best epoch on the same held-out real "
-              f"validation rows of real train (never synthetic rows) and trains on none of them.", "",
+              f"chance = {100 / len(classes):.1f}. Every model picks its best epoch on held-out real validation "
+              f"rows of real train (never synthetic rows) and trains on none of them; each seed draws its own "
+              f"split, which every model of that seed shares (validation rows: one count a seed).", "",
               "| training data | real rows | synthetic rows | real validation rows | accuracy | UAR | macro-F1 |",
               "|---|---|---|---|---|---|---|"]
     for name, runs in results["downstream"].items():
         real_rows, synthetic_rows = _downstream_budget(runs[0], study.real_train)
-        lines.append(f"| {name} | {real_rows} | {synthetic_rows} | {runs[0].get('val_rows', 'n/a')} | "
+        validation_rows = " / ".join(str(r.get("val_rows", "n/a")) for r in runs)
+        lines.append(f"| {name} | {real_rows} | {synthetic_rows} | {validation_rows} | "
                      f"{_cell([r['test']['accuracy'] for r in runs])} | "
                      f"{_cell([r['test']['uar'] for r in runs])} | {_cell([r['test']['macro_f1'] for r in runs])} |")
         confusion = Path(runs[0]["eval"]) / "confusion_matrix.png"

@@ -148,7 +148,7 @@ def test_downstream_synthetic_rows_choose_accepted_or_all(tmp_path):
         mixed = configs["real + synthetic 1x"].data.train
         assert [(s.path, s.limit, s.accepted_only, s.split) for s in mixed] == [
             ("real.parquet", 100, True, "train"), ("synthetic", 100, accepted_only, None)]
-    # Every model picks its checkpoint on the same held-out real rows, synthetic-only ones too.
+    # Every model of a seed picks its checkpoint on the same held-out real rows, synthetic-only ones too.
     configs = downstream_configs(build_config(StudyConfig, raw), "synthetic", seed=0, headline="headline")
     assert set(configs) == {"real only", "synthetic only 1x", "synthetic only 3x", "real + synthetic 1x", "all real",
                             "all real + synthetic"}
