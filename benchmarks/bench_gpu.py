@@ -189,19 +189,19 @@ def sg_step_parts(sampler: GuidedSampler, requests: list, device: torch.device) 
     latents = torch.randn(batch, bundle.unet.config.in_channels, side, side, generator=generator).to(device)
     t = torch.tensor(500, device=device)
     text = sampler.encode_prompts([r.prompt for r in requests])
-    aus = sampler._au_tokens(np.stack([np.asarray(r.aus, np.float32) for r in requests])).float()
-    text_uncond = sampler._uncond_text(batch)
+    aus = sampler.au_tokens(np.stack([np.asarray(r.aus, np.float32) for r in requests])).float()
+    text_uncond = sampler.unconditional_text(batch)
     aus_uncond = bundle.au_adapter.unconditional(batch, device, sampler.dtype)
     targets = torch.tensor([sampler.sg_classes.index(r.target) for r in requests], device=device)
 
     def cfg_pass():
         with torch.no_grad():
-            sampler._eps(torch.cat([latents, latents]), t, torch.cat([text_uncond, text]),
-                         torch.cat([aus_uncond, aus]), 1.0)
+            sampler.model_output(torch.cat([latents, latents]), t, torch.cat([text_uncond, text]),
+                                 torch.cat([aus_uncond, aus]), 1.0)
 
     def unet_with_gradients():
         steered = text.detach().requires_grad_(True)
-        sampler._eps(latents, t, steered, aus, 1.0).sum().backward()
+        sampler.model_output(latents, t, steered, aus, 1.0).sum().backward()
 
     def decoder_with_gradients():
         x0 = latents.detach().requires_grad_(True)

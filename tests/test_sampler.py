@@ -93,10 +93,10 @@ def test_one_guidance_step_on_each_target_lowers_every_rows_loss(sampler, tiny_b
     latents = sampler.initial_noise([r.seed for r in requests], scheduler)
     alpha_bar = alpha_bar_at(scheduler, step, t)
     conditions = {"text": sampler.encode_prompts([r.prompt for r in requests]),
-                  "au": sampler._au_tokens(np.stack([np.asarray(r.aus, np.float32) for r in requests])).float()}
+                  "au": sampler.au_tokens(np.stack([np.asarray(r.aus, np.float32) for r in requests])).float()}
 
     def eps_of(text, au):
-        return sampler._eps(latents, t, text, au, 1.0)
+        return sampler.model_output(latents, t, text, au, 1.0)
 
     def loss_of(conditions):
         with torch.no_grad():
@@ -159,13 +159,14 @@ def test_neutral_is_guided_apart_from_the_unconditional_input(sampler, tiny_bund
     assert not taxonomy.sample_target_aus(0, "neutral", tiny_bundle.au_names, extra_au_probability=0).any()
     neutral = np.zeros(len(tiny_bundle.au_names), np.float32)  # neutral's prototype: no AU active
     latents, t = torch.randn(1, 4, 6, 6), torch.tensor(500)
-    text = sampler._uncond_text(1)
+    text = sampler.unconditional_text(1)
 
     def au_direction():  # what CFG amplifies through the AU pathway for a neutral row
         with torch.no_grad():
-            cond = sampler._au_tokens(neutral[None])
-            return sampler._eps(latents, t, text, cond, 1.0) - sampler._eps(latents, t, text,
-                                                                            adapter.unconditional(1), 1.0)
+            cond = sampler.au_tokens(neutral[None])
+            unconditional = adapter.unconditional(1)
+            return (sampler.model_output(latents, t, text, cond, 1.0)
+                    - sampler.model_output(latents, t, text, unconditional, 1.0))
     assert adapter.config.null_unconditional and au_direction().abs().mean() > 1e-4
     try:  # an adapter made before the null tokens: neutral was exactly the unconditional input
         adapter.register_to_config(null_unconditional=False)

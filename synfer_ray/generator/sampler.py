@@ -151,7 +151,8 @@ class GuidedSampler:
                                        max_length=self.bundle.tokenizer.model_max_length, return_tensors="pt")
         return self.bundle.text_encoder(tokens.input_ids.to(self.device))[0].float()
 
-    def _uncond_text(self, batch: int) -> torch.Tensor:
+    def unconditional_text(self, batch: int) -> torch.Tensor:
+        """The empty prompt's embedding (CFG's unconditional text), encoded once, for ``batch`` rows."""
         if self._empty_prompt is None:
             self._empty_prompt = self.encode_prompts([""])
         return self._empty_prompt.expand(batch, -1, -1)
@@ -178,13 +179,14 @@ class GuidedSampler:
         vae = self.bundle.vae
         return vae.encode(pixels / 127.5 - 1).latent_dist.mean.float() * vae.config.scaling_factor
 
-    def _eps(self, latents, t, text, aus_tokens, au_scale) -> torch.Tensor:
+    def model_output(self, latents, t, text, aus_tokens, au_scale) -> torch.Tensor:
         """The UNet's output (noise or velocity, per the bundle's scheduler) in fp32."""
         context = torch.cat([text.to(self.dtype), aus_tokens.to(self.dtype)], dim=1)
         return self.bundle.unet(latents.to(self.dtype), t, encoder_hidden_states=context,
                                 cross_attention_kwargs={"au_scale": au_scale}).sample.float()
 
-    def _au_tokens(self, aus: np.ndarray) -> torch.Tensor:
+    def au_tokens(self, aus: np.ndarray) -> torch.Tensor:
+        """(batch, n_aus) AU intensities -> the adapter's conditioning tokens, in the model dtype."""
         return self.bundle.au_adapter.encode(torch.as_tensor(aus, dtype=self.dtype, device=self.device))
 
     # --- sampling --------------------------------------------------------------------------
@@ -194,11 +196,11 @@ class GuidedSampler:
                au_scale: float = 1.0) -> torch.Tensor:
         """DDIM inversion of (batch, H, W, 3) uint8 images under their own prompt and AUs (no CFG)."""
         text = self.encode_prompts(prompts)
-        au_tokens = self._au_tokens(aus)
+        au_tokens = self.au_tokens(aus)
         scheduler = DDIMScheduler.from_config(self.bundle.scheduler.config)
         alphas = scheduler.alphas_cumprod.to(self.device)
         return ddim_invert(self.encode_images(images), scheduler, steps,
-                           lambda x, t: predicted_noise(x, self._eps(x, t, text, au_tokens, au_scale),
+                           lambda x, t: predicted_noise(x, self.model_output(x, t, text, au_tokens, au_scale),
                                                         alphas[int(t)], self.prediction))
 
     def sample_latents(self, requests: Sequence[SampleRequest], settings: SamplerSettings,
@@ -212,7 +214,7 @@ class GuidedSampler:
         aus = np.stack([np.asarray(r.aus, dtype=np.float32) for r in requests])
         text = self.encode_prompts([r.prompt for r in requests])
         with torch.no_grad():
-            au_cond = self._au_tokens(aus).float()  # fp32 like the text: semantic guidance may steer it
+            au_cond = self.au_tokens(aus).float()  # fp32 like the text: semantic guidance may steer it
             au_uncond = self.bundle.au_adapter.unconditional(batch, self.device, self.dtype)
         latents = self.initial_noise([r.seed for r in requests], scheduler) if init_latents is None \
             else init_latents.float() * scheduler.init_noise_sigma
@@ -223,7 +225,7 @@ class GuidedSampler:
                                    aus[references], settings.steps, settings.au_scale)
             latents[references] = inverted * scheduler.init_noise_sigma
         use_cfg = settings.cfg_scale != 1.0
-        text_uncond = self._uncond_text(batch)
+        text_uncond = self.unconditional_text(batch)
         sg_at = guidance_steps(settings.steps, settings.sg_window) if settings.uses_sg else set()
         targets = step_sizes = None
         if sg_at:
@@ -238,14 +240,15 @@ class GuidedSampler:
                 # At a guided step the conditional output is made only after the conditions move, so
                 # only the unconditional half is made now (the other would be thrown away).
                 if use_cfg and not guiding:
-                    both = self._eps(torch.cat([model_input, model_input]), t, torch.cat([text_uncond, text]),
-                                     torch.cat([au_uncond, au_cond]), settings.au_scale)
+                    both = self.model_output(torch.cat([model_input, model_input]), t,
+                                             torch.cat([text_uncond, text]), torch.cat([au_uncond, au_cond]),
+                                             settings.au_scale)
                     eps_uncond, eps_cond = both.chunk(2)
                 elif use_cfg:
-                    eps_uncond = self._eps(model_input, t, text_uncond, au_uncond, settings.au_scale)
+                    eps_uncond = self.model_output(model_input, t, text_uncond, au_uncond, settings.au_scale)
                 else:
                     eps_uncond = None
-                    eps_cond = None if guiding else self._eps(model_input, t, text, au_cond, settings.au_scale)
+                    eps_cond = None if guiding else self.model_output(model_input, t, text, au_cond, settings.au_scale)
 
             def guided(eps_text: torch.Tensor) -> torch.Tensor:
                 if eps_uncond is None:
@@ -255,12 +258,12 @@ class GuidedSampler:
             if guiding:
                 moved, _ = semantic_guidance_step(
                     {"text": text, "au": au_cond}, SG_TARGETS[settings.sg_target],
-                    lambda text, au: guided(self._eps(model_input, t, text, au, settings.au_scale)),
+                    lambda text, au: guided(self.model_output(model_input, t, text, au, settings.au_scale)),
                     self.decode, self.sg_classifier, model_input, alpha_bar_at(scheduler, i, t).to(self.device),
                     targets, step_sizes, self.prediction, adaptive=settings.sg_adaptive)
                 text, au_cond = moved["text"], moved["au"]
                 with torch.no_grad():
-                    eps_cond = self._eps(model_input, t, text, au_cond, settings.au_scale)
+                    eps_cond = self.model_output(model_input, t, text, au_cond, settings.au_scale)
             with torch.no_grad():
                 latents = scheduler.step(guided(eps_cond), t, latents).prev_sample
         return latents
