@@ -356,6 +356,9 @@ class TrainDataConfig(_Strict):
     class_balanced_loss: bool = False  # weight the loss by inverse class frequency
     class_balanced_sampling: bool = False  # resample rows so every class is seen equally often
     shuffle: Shuffle = "global"
+    # Decoded rows kept in Ray's object store across epochs (synfer_ray.train.fer.cache_decoded_rows):
+    # auto when they fit a quarter of it, always, or never (read and decode every epoch).
+    cache: Literal["auto", "always", "never"] = "auto"
     image_size: int = Field(48, ge=8)
     augment: AugmentConfig = AugmentConfig()
 

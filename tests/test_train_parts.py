@@ -195,6 +195,56 @@ def test_a_source_sorted_by_class_reaches_training_in_mixed_batches(ray_cluster,
         assert np.mean(classes_per_batch) < 5.5, classes_per_batch
 
 
+def test_decoded_rows_are_kept_in_the_object_store_when_they_fit_it():
+    from synfer_ray.config import TrainConfig, build_config
+    from synfer_ray.train.fer import PreparedData, cache_decoded_rows
+
+    def decide(rows: int, image_size: int, cache: str = "auto", store: float = 2 * 2**30) -> bool:
+        config = build_config(TrainConfig, {"output": "unused", "data": {"train": [{"path": "x"}], "cache": cache,
+                                                                         "image_size": image_size}})
+        prepared = PreparedData([], None, None, train_rows=int(rows * 0.9), class_counts={},
+                                validation_rows=int(rows * 0.1))
+        return cache_decoded_rows(config, prepared, 7, store)
+    assert decide(28_709, 48)  # FER-2013: 0.2 GB of a 2 GiB object store
+    assert not decide(1_000_000, 512)  # an SD-scale synthetic set streams
+    assert not decide(300, 48, cache="never") and decide(1_000_000, 512, cache="always")
+    assert not decide(28_709, 48, store=0.5 * 2**30)  # more than a quarter of a small store
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_cached_training_rows_are_the_same_every_epoch_and_resampled_ones_are_not(ray_cluster, tmp_path,
+                                                                                    balanced):
+    """With the decoded rows kept (data.cache), an epoch reads the same rows in the same seeded order
+    as before; class-balanced sampling still draws new copies every epoch."""
+    import hashlib
+
+    from ray.data.dataset import MaterializedDataset
+
+    from conftest import separable_faces
+
+    from synfer_ray.config import TrainConfig, build_config
+    from synfer_ray.train.fer import build_datasets, prepare_data
+    table = separable_faces(20, seed=0)
+    pq.write_table(table.slice(0, 100), tmp_path / "uneven.parquet")  # classes sorted: the last ones short
+    config = build_config(TrainConfig, {"output": "unused", "data": {
+        "train": [{"path": str(tmp_path / "uneven.parquet")}], "class_balanced_sampling": balanced,
+        "augment": {"crop_padding": 0, "flip": False, "color_jitter": 0.0}}})
+    train, validation = build_datasets(config, prepare_data(config, taxonomy.AFFECTNET_7), taxonomy.AFFECTNET_7)
+    assert isinstance(validation, MaterializedDataset)
+
+    def epoch() -> list[str]:
+        return [hashlib.sha1(pixels.tobytes()).hexdigest() for batch in train.iter_batches(batch_size=32)
+                for pixels in batch["pixels"]]
+    first, second = epoch(), epoch()
+    if balanced:
+        assert sorted(first) != sorted(second)  # resampled: other copies of the short classes
+    else:
+        assert first == second and len(first) == len(set(first)) > 80
+    streamed = config.model_copy(update={"data": config.data.model_copy(update={"cache": "never"})})
+    _, validation = build_datasets(streamed, prepare_data(streamed, taxonomy.AFFECTNET_7), taxonomy.AFFECTNET_7)
+    assert not isinstance(validation, MaterializedDataset)
+
+
 def test_the_vote_on_labelled_faces_is_the_mean_of_its_models_probabilities(tiny_bundle_path, second_voter,
                                                                               separable_parquet):
     """evaluate_ensemble scores a generate run's labeler vote on real faces: one model is its own
