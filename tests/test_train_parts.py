@@ -1,6 +1,7 @@
 """The pure parts of training and evaluation: losses, schedule, metrics, decoding, label checks."""
 
 import collections
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -334,3 +335,43 @@ def test_classifiers_train_on_deepspeeds_half_weights_beside_fp32_buffers(arch, 
     soft_cross_entropy(logits.float(), torch.eye(7)[:4]).backward()
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in trained)
+
+
+_DEEPSPEED_START = """
+import sys, torch, deepspeed
+from synfer_ray.train.fer import without_shared_memory_collectives
+if sys.argv[1] == "fixed":
+    without_shared_memory_collectives()
+model = torch.nn.Linear(4, 2)
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                  config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}})
+print("started", engine.device)
+"""
+
+
+@pytest.mark.parametrize("variant", ["fixed", "plain"])
+def test_a_lock_left_by_a_killed_worker_does_not_stop_the_next_deepspeed_start(tmp_path, variant):
+    """A worker killed inside DeepSpeed's JIT load of its shared-memory op leaves a lock file in the
+    torch extensions cache; the next run's workers waited on it forever (the netns cluster, after a
+    lost node). ``train_loop`` keeps DeepSpeed from loading that op on CPU workers; plain DeepSpeed,
+    the control, still waits (cut off after 30 s)."""
+    import os
+    import subprocess
+    import sys
+    from conftest import free_port
+    from torch.utils.cpp_extension import _get_build_directory
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+        stale = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    (stale / "lock").touch()  # as a SIGKILL inside torch's FileBaton leaves it
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    try:
+        result = subprocess.run([sys.executable, "-c", _DEEPSPEED_START, variant], env=env, capture_output=True,
+                                text=True, timeout=30 if variant == "plain" else 300)
+    except subprocess.TimeoutExpired:
+        assert variant == "plain", "DeepSpeed waited on the stale lock"
+        return
+    assert variant == "fixed", "plain DeepSpeed no longer waits on the lock: without_shared_memory_collectives " \
+                               "may be dropped"
+    assert result.returncode == 0 and "started cpu" in result.stdout, result.stderr[-3000:]

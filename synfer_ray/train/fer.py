@@ -89,6 +89,22 @@ def _export_model(engine, job: TrainJob, directory: Path, rank: int) -> None:
         model.save_pretrained(directory)
 
 
+def without_shared_memory_collectives() -> None:
+    """On CPU workers, keep DeepSpeed from building its shared-memory all-reduce (``deepspeed_shm_comm``).
+    Every ``deepspeed.initialize`` JIT-loads that op under a lock file in ~/.cache/torch_extensions;
+    a worker killed while it holds the lock (a lost node, a stopped job, a killed worker) leaves the
+    lock behind, and every later DeepSpeed start on that machine waits for it forever (seen on the
+    netns cluster: both workers of the next run stuck in ``FileBaton.wait``). The op only speeds up
+    DeepSpeed's inference all-reduce; training's collectives are gloo's either way, and a fresh
+    machine no longer compiles C++ (a minute on 2 cores) before its first epoch. DeepSpeed keeps its
+    probe of compatible ops in one dict so that such edits hold."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
@@ -112,6 +128,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                   weight_decay=job.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, int(job.warmup_fraction * total_steps)))
+    without_shared_memory_collectives()
     engine, _, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                   config=_deepspeed_config(job))
     device = engine.device
