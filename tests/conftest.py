@@ -13,9 +13,13 @@ import torch
 
 from synfer_ray.bundle import load_bundle, make_tiny_bundle
 from synfer_ray.generator.sampler import GuidedSampler
+from synfer_ray.pipeline import footer_readers_for
 
 TORCH_THREADS = 2
 torch.set_num_threads(TORCH_THREADS)
+# Every Ray cluster a test starts (in this process, `ray start`, a command's own) reads Parquet
+# footers with 4 actors, as the local cluster of 4 CPUs that ensure_ray starts would.
+footer_readers_for(4)
 
 
 @pytest.fixture(autouse=True)

@@ -452,3 +452,17 @@ def test_bf16_generation_with_labels_matches_fp32_within_rounding(ray_cluster, t
     assert difference.mean() < 3 and difference.max() <= 64
     soft = np.abs(np.array(full.column("soft_label").to_pylist()) - np.array(half.column("soft_label").to_pylist()))
     assert soft.max() < 0.1  # the labelers, in bf16 too, see nearly the same faces
+
+
+def test_a_local_cluster_reads_parquet_footers_with_as_many_actors_as_it_has_cpus(monkeypatch):
+    import os
+
+    from synfer_ray.pipeline import PARQUET_FOOTER_ACTORS, footer_readers_for
+    monkeypatch.delenv(PARQUET_FOOTER_ACTORS, raising=False)
+    footer_readers_for(2)
+    assert os.environ[PARQUET_FOOTER_ACTORS] == "2"
+    footer_readers_for(64)  # a value already set (by the user, or before) is kept
+    assert os.environ[PARQUET_FOOTER_ACTORS] == "2"
+    monkeypatch.delenv(PARQUET_FOOTER_ACTORS)
+    footer_readers_for(64)
+    assert os.environ[PARQUET_FOOTER_ACTORS] == "32"  # never more than Ray's own default

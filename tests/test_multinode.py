@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 # Enough that the node lost after the first checkpoint is lost mid-run: with the decoded rows kept in
 # the object store (data.cache) an epoch takes seconds (it took 2 min reading them again each epoch).
-EPOCHS = 4
+EPOCHS = 8
 
 
 def _netns():
