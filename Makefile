@@ -20,8 +20,9 @@ browser:
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-# CI's 90 minutes hold the suite on a 2-core machine without the tests marked long (the scaled-down
-# study: 17-21 min there, of nine trainings and five generations); `make test-long` runs those.
+# The suite without the tests marked long: about 53 min of pytest on a 2-core host at half the
+# brief's speed (README, "Two commands"); CI allows 90 with set-up. The scaled-down study (long:
+# eight trainings and five generations, 11 min there) runs with `make test-long`.
 test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -m "not long" $(PYTEST_ARGS)
 
