@@ -20,7 +20,7 @@ browser:
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-# The suite without the tests marked long: about 53 min of pytest on a 2-core host at half the
+# The suite without the tests marked long: about 52 min of pytest on a 2-core host at half the
 # brief's speed (README, "Two commands"); CI allows 90 with set-up. The scaled-down study (long:
 # eight trainings and five generations, 11 min there) runs with `make test-long`.
 test: $(STAMP) browser

@@ -159,6 +159,7 @@ def test_training_resumes_on_shared_storage_after_losing_a_node(cluster, separab
         "tracking": {"enabled": False}, "register_as": None}
     (shared / "train.yaml").write_text(yaml.safe_dump(config))
     job = submit(cluster, ["python", "jobs/train.py", "--config", str(shared / "train.yaml")])
+    # Before it: the decoded rows kept (two Ray Data passes, ~100 s each on this 2-core netns cluster).
     wait_until(lambda: any((output / "ray" / "multinode").glob("checkpoint_*")), 900, "a first checkpoint",
                cluster, job)
     time.sleep(4)  # past Ray Train's health poll, so the checkpoint is registered
