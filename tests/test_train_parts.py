@@ -342,6 +342,8 @@ import sys, torch, deepspeed
 from synfer_ray.train.fer import without_shared_memory_collectives
 if sys.argv[1] == "fixed":
     without_shared_memory_collectives()
+elif not deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"):
+    sys.exit("no shm op here")  # no compiler: plain DeepSpeed has no op to build, so nothing to wait for
 model = torch.nn.Linear(4, 2)
 engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
                                   config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}})
@@ -372,6 +374,8 @@ def test_a_lock_left_by_a_killed_worker_does_not_stop_the_next_deepspeed_start(t
     except subprocess.TimeoutExpired:
         assert variant == "plain", "DeepSpeed waited on the stale lock"
         return
+    if "no shm op here" in result.stderr:
+        pytest.skip("DeepSpeed cannot build its shared-memory op on this machine: the control has nothing to wait on")
     assert variant == "fixed", "plain DeepSpeed no longer waits on the lock: without_shared_memory_collectives " \
                                "may be dropped"
     assert result.returncode == 0 and "started cpu" in result.stdout, result.stderr[-3000:]
