@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-long setup browser gpu-wheels gpu-check gpu-bench gpu-test
+.PHONY: demo test test-long setup browser docs docs-serve gpu-wheels gpu-check gpu-bench gpu-test
 
 setup: $(STAMP)
 
@@ -14,6 +14,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/synfer demo
+
+# The docs site (mkdocs.yml): references generated from the code; strict, so a broken link or
+# anchor fails the build. The variables quiet the banners two of MkDocs' plugins print.
+MKDOCS := NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs
+
+docs: $(STAMP)
+	$(MKDOCS) build --strict
+
+docs-serve: $(STAMP)
+	$(MKDOCS) serve --strict --dev-addr 127.0.0.1:8001
 
 # Headless Chromium for the web-page test (Debian's package; needs root, else that test skips).
 browser:
@@ -29,19 +39,19 @@ test: $(STAMP) browser
 test-long: $(STAMP)
 	$(VENV)/bin/python -m pytest -m long $(PYTEST_ARGS)
 
-# --- The GPU check (issue 16; cluster/gpu/README.md) ---------------------------------------------
-# A GPU machine lent to a session has Python 3.12 and torch but no Ray, diffusers or DeepSpeed, and
-# no network: `make gpu-wheels` (here) packs what it lacks into build/gpu-wheels/site.tar.xz, sized
-# to travel with the working tree; `make gpu-check` (there) unpacks it and runs every stage on CUDA
-# in fp16, one PASS/FAIL line per stage; `make gpu-bench` runs benchmarks/bench_gpu.py and
-# `make gpu-test` the tests marked gpu the same way.
-# The session's device tool calls (the same as `make gpu-check` / `make gpu-bench`, without make):
-#   run(command="bash cluster/gpu/with-wheels.sh build/gpu-wheels/site.tar.xz cluster/gpu/check.py",
-#       carry=["build/gpu-wheels"], timeout_s=600)
-#   run(command="bash cluster/gpu/with-wheels.sh build/gpu-wheels/site.tar.xz benchmarks/bench_gpu.py",
-#       carry=["build/gpu-wheels"], timeout_s=300)
-# A CPU dry run here (GPU_PYTHON: a venv holding only the device's packages, see the README):
-#   make gpu-wheels PY=3.11 && make gpu-check PY=3.11 GPU_PYTHON=/tmp/devvenv/bin/python GPU_CHECK_ARGS="--device cpu"
+# --- The GPU check (cluster/gpu/README.md, docs/development/gpu-check.md) ------------------------
+# For any CUDA host. A host without network access that has Python and a CUDA torch but not Ray,
+# diffusers or DeepSpeed is served by the wheel archive: `make gpu-wheels` (on a machine with the
+# package index) packs what such a host lacks into build/gpu-wheels/site.tar.xz (PY=3.11 for
+# another Python: build/gpu-wheels-py311); copy it with the source tree, then on the host:
+#   make gpu-check   every stage on CUDA in fp16, one PASS/FAIL line per stage (cluster/gpu/check.py)
+#   make gpu-bench   benchmarks/bench_gpu.py: an SD 1.5-layout bundle at 512x512 against diffusers
+#   make gpu-test    the tests marked gpu (less those also marked slow)
+# Each unpacks the archive into a temporary folder and puts it and this tree on PYTHONPATH; nothing
+# is installed. Without make: bash cluster/gpu/with-wheels.sh ARCHIVE SCRIPT|-m MODULE [ARGS...].
+# GPU_PYTHON picks the host's interpreter; GPU_CHECK_ARGS / GPU_BENCH_ARGS replace the arguments.
+# A CPU rehearsal (GPU_PYTHON: a venv holding only a bare host's packages, see the guide):
+#   make gpu-wheels PY=3.11 && make gpu-check PY=3.11 GPU_PYTHON=/tmp/hostvenv/bin/python GPU_CHECK_ARGS="--device cpu"
 PY ?= 3.12
 GPU_WHEELS := build/gpu-wheels$(if $(filter 3.12,$(PY)),,-py$(subst .,,$(PY)))
 GPU_PYTHON ?= python3

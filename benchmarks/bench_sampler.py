@@ -131,7 +131,7 @@ def main() -> None:
               f"{rate[f'synfer {name} {args.fast_steps} steps, CFG 3'] / ddim:.2f}x images/s")
 
     if args.evaluator:
-        from synfer_ray.classifiers import load_classifier
+        from synfer_ray.models import load_classifier
         evaluator = load_classifier(args.evaluator, field="--evaluator")
         print(f"\nevaluator agreement with the asked class ({args.evaluator}, {args.per_class} per class, "
               f"CFG 3, SG {args.sg:g}):")

@@ -41,7 +41,7 @@ def plain_loop(data: Path, rows: int, epochs: int, arch: str, batch: int, thread
     import torch
 
     from synfer_ray import taxonomy
-    from synfer_ray.classifiers import build_classifier
+    from synfer_ray.models import build_classifier
     from synfer_ray.data.faces import augment, decode_faces
     from synfer_ray.train.losses import soft_cross_entropy
     torch.set_num_threads(threads)

@@ -28,9 +28,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
+import synfer_ray
 from synfer_ray import taxonomy
 from synfer_ray.config import GeneratorArchitecture
-from synfer_ray.classifiers import FERClassifier, load_classifier, tiny_resnet
+from synfer_ray.classifiers import FERClassifier, tiny_resnet
 from synfer_ray.errors import SynferError
 from synfer_ray.generator.au_adapter import AUAdapter, install_au_adapter
 
@@ -132,7 +133,6 @@ def _versions() -> dict[str, str]:
     import diffusers
     import transformers
 
-    import synfer_ray
     return {"synfer_ray": synfer_ray.__version__, "torch": torch.__version__.split("+")[0],
             "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
@@ -151,7 +151,8 @@ def load_bundle(path: str | Path, verify: bool = True, sg_classifier: str | Path
     """Load a bundle for inference: every component frozen and in eval mode, adapter installed.
 
     ``verify`` recomputes the content hash so a changed or truncated file is caught here, not as
-    odd images later. ``sg_classifier`` overrides the bundle's own guiding classifier.
+    odd images later. ``sg_classifier`` overrides the bundle's own guiding classifier: a transformers
+    image classifier (a FERAnno labeler cannot guide: it reads images without gradients).
     """
     transformers_logging.disable_progress_bar()
     path = Path(path)
@@ -173,7 +174,7 @@ def load_bundle(path: str | Path, verify: bool = True, sg_classifier: str | Path
     classifier_path = Path(sg_classifier) if sg_classifier else path / "sg_classifier"
     classifier = None
     if sg_classifier or classifier_path.is_dir():
-        classifier = load_classifier(classifier_path, field="sg_classifier")
+        classifier = FERClassifier.from_pretrained(classifier_path, field="sg_classifier")
     for module in (unet, vae, text_encoder, adapter, classifier):
         if module is not None:
             # Shipped bundles may hold fp16 weights; compute in ``dtype`` (fp32 on CPU).

@@ -2,7 +2,7 @@
 
 Every classifier here takes RGB images in [0, 1] as (batch, 3, H, W) at any size and returns
 logits over its own class names. The sampler's semantic guidance and the labeler's ensemble use
-any module with that contract.
+any module with that contract (FERAnno too: :mod:`synfer_ray.models` loads either kind by path).
 """
 
 from __future__ import annotations
@@ -54,6 +54,18 @@ class FERClassifier(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         self.model.config.synfer_image_size = self.image_size
         self.model.save_pretrained(str(path), safe_serialization=True)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, field: str = "classifier") -> "FERClassifier":
+        """Load one saved by :meth:`save_pretrained`, or any transformers image classifier (hub id / path),
+        in eval mode and fp32; ``field`` names the setting in errors."""
+        try:
+            model = AutoModelForImageClassification.from_pretrained(str(source), use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise SynferError(field, str(source), f"a directory or hub id holding a transformers "
+                                                  f"image classifier with safetensors weights ({error})") from error
+        image_size = getattr(model.config, "synfer_image_size", None) or getattr(model.config, "image_size", 224)
+        return cls(model.float(), int(image_size)).eval()  # fp16-shipped weights compute in fp32
 
 
 def _pixels(model: nn.Module, images) -> torch.Tensor:
@@ -117,21 +129,6 @@ def tiny_resnet(classes: Sequence[str], image_size: int = 48, seed: int = 0) -> 
     return FERClassifier(AutoModelForImageClassification.from_config(config), image_size).eval()
 
 
-def load_classifier(source: str | Path, field: str = "classifier") -> nn.Module:
-    """Load a classifier saved by :meth:`FERClassifier.save_pretrained`, a FERAnno labeler, or any
-    transformers image classifier (hub id / path). Each maps RGB [0, 1] images to logits."""
-    from synfer_ray.labeler.feranno import is_feranno, load_feranno
-    if is_feranno(source):
-        return load_feranno(source, field=field)
-    try:
-        model = AutoModelForImageClassification.from_pretrained(str(source), use_safetensors=True)
-    except (OSError, ValueError) as error:
-        raise SynferError(field, str(source), f"a directory or hub id holding a transformers "
-                                              f"image classifier with safetensors weights ({error})") from error
-    image_size = getattr(model.config, "synfer_image_size", None) or getattr(model.config, "image_size", 224)
-    return FERClassifier(model.float(), int(image_size)).eval()  # fp16-shipped weights compute in fp32
-
-
 def _backbone_config(arch: str, classes: Sequence[str], image_size: int):
     from transformers import ConvNextConfig, ViTConfig
     labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
@@ -152,21 +149,16 @@ def _backbone_config(arch: str, classes: Sequence[str], image_size: int):
         return ViTConfig(image_size=image_size, patch_size=16 if image_size >= 96 else 8, **labels)
     if arch == "convnext_t":
         return ConvNextConfig(depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768], **labels)
-    raise SynferError("model.arch", arch, f"one of {list(ARCHITECTURES)}")
+    raise SynferError("model.arch", arch, f"one of {list(BACKBONES)} or feranno")
 
 
-ARCHITECTURES = ("small_cnn", "small_convnext", "feranno", "resnet18", "resnet50", "vit_b", "convnext_t")
+BACKBONES = ("small_cnn", "small_convnext", "resnet18", "resnet50", "vit_b", "convnext_t")
 
 
-def build_classifier(arch: str, classes: Sequence[str], image_size: int, pretrained: str | None = None,
-                     seed: int = 0, bundle: str | None = None, labeler: dict | None = None) -> nn.Module:
+def build_backbone(arch: str, classes: Sequence[str], image_size: int, pretrained: str | None = None,
+                   seed: int = 0) -> FERClassifier:
     """A backbone from its transformers config (random init), or ``pretrained`` weights with a new
-    head over ``classes`` when the label sets differ; ``feranno`` is a fresh FERAnno head over the
-    frozen diffusion features of ``bundle`` (``labeler`` holds its feature settings and sizes)."""
-    if arch == "feranno":
-        from synfer_ray.config import LabelerModelConfig
-        from synfer_ray.labeler.feranno import new_feranno
-        return new_feranno(bundle, classes, LabelerModelConfig.model_validate(labeler or {}), seed=seed)
+    head over ``classes`` when the label sets differ."""
     if pretrained:
         labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
                   "label2id": {c: i for i, c in enumerate(classes)}}

@@ -105,7 +105,8 @@ def evaluate_votes(ensembles: Mapping[str, tuple[Sequence[str | Path], Sequence[
     import pyarrow.dataset as pads
     import torch
 
-    from synfer_ray.classifiers import load_classifier, predict_readings
+    from synfer_ray.classifiers import predict_readings
+    from synfer_ray.models import load_classifier
     from synfer_ray.data.faces import check_labels, decode_faces, resolve_source
     from synfer_ray.errors import SynferError
     from synfer_ray.labeler.rectify import align_probabilities, rectify

@@ -61,3 +61,47 @@ def test_bundle_make_tiny_and_info(tmp_path):
     assert result.exit_code == 0
     info = json.loads(result.output)
     assert info["intact"] and info["classes"][-1] == "contempt"
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+    result = subprocess.run([sys.executable, "-m", "synfer_ray.cli", "--version"], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == f"synfer-ray {version('synfer-ray')}"
+
+
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_every_command_argument_and_option_has_help():
+    from synfer_ray.cli import click_command
+    missing = [" ".join(path) or "synfer" for path, command in _commands(click_command()) if not command.help]
+    missing += [f"{' '.join(path)} {param.name}" for path, command in _commands(click_command())
+                for param in command.params if not getattr(param, "help", None)]
+    assert not missing
+
+
+def test_command_configs_name_every_config_command_and_its_job():
+    from synfer_ray.cli import COMMAND_CONFIGS, click_command
+    from synfer_ray.config import JOB_CONFIGS
+    with_config = {" ".join(path) for path, command in _commands(click_command())
+                   if any("--config" in getattr(param, "opts", []) for param in command.params)}
+    assert set(COMMAND_CONFIGS) == with_config
+    assert set(COMMAND_CONFIGS.values()) <= set(JOB_CONFIGS)
+
+
+def test_every_preset_is_a_valid_config_of_its_command():
+    from importlib import resources
+
+    from synfer_ray.cli import COMMAND_CONFIGS, PRESETS
+    from synfer_ray.config import JOB_CONFIGS, load_config
+    from synfer_ray.presets import preset_path
+    shipped = {p.name.removesuffix(".yaml") for p in resources.files("synfer_ray.presets").iterdir()
+               if p.name.endswith(".yaml")}
+    assert set(PRESETS) == shipped
+    for name, command in PRESETS.items():
+        load_config(JOB_CONFIGS[COMMAND_CONFIGS[command]], preset_path(name), [])
+        assert name in runner.invoke(app, [*command.split(), "--help"], terminal_width=200).output

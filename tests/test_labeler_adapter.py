@@ -13,11 +13,11 @@ import torch
 from conftest import WorkerKiller, separable_faces
 from synfer_ray import taxonomy
 from synfer_ray.bundle import load_bundle
-from synfer_ray.classifiers import load_classifier
 from synfer_ray.config import AdapterTrainConfig, GenerateConfig, LabelerModelConfig, TrainConfig, build_config
 from synfer_ray.errors import SynferError
 from synfer_ray.labeler.features import FeatureSettings, features_for_bundle
 from synfer_ray.labeler.feranno import new_feranno
+from synfer_ray.models import load_classifier
 
 
 def test_features_have_the_declared_shapes(tiny_bundle_path):
@@ -67,7 +67,7 @@ def test_feranno_saves_and_loads_with_its_bundle(tiny_bundle_path, tmp_path):
     older = FERAnno.from_config(config)
     assert isinstance(older.attention_branch.encode[0], torch.nn.Conv2d)
     # ... and a training config can still ask for that head (model.labeler.standardize_inputs: false).
-    from synfer_ray.classifiers import build_classifier
+    from synfer_ray.models import build_classifier
     plain = build_classifier("feranno", taxonomy.AFFECTNET_7, 48, bundle=str(tiny_bundle_path),
                              labeler={"dim": 32, "heads": 2, "standardize_inputs": False})
     assert not plain.head.config.standardize_inputs

@@ -252,7 +252,8 @@ def test_the_vote_on_labelled_faces_is_the_mean_of_its_models_probabilities(tiny
     report; two vote by the mean of their probabilities; tau decides which rows the vote accepts."""
     import math
 
-    from synfer_ray.classifiers import load_classifier, predict_probabilities
+    from synfer_ray.classifiers import predict_probabilities
+    from synfer_ray.models import load_classifier
     from synfer_ray.evaluate import evaluate_ensemble, evaluate_model
     models, test = [tiny_bundle_path / "sg_classifier", second_voter], str(separable_parquet["test"])
     alone = evaluate_model(models[0], test)
@@ -292,7 +293,8 @@ def test_the_vote_on_labelled_faces_is_the_mean_of_its_models_probabilities(tiny
 
 
 def test_mirror_averaged_probabilities_are_the_mean_over_a_face_and_its_mirror(tiny_bundle_path):
-    from synfer_ray.classifiers import load_classifier, predict_probabilities
+    from synfer_ray.classifiers import predict_probabilities
+    from synfer_ray.models import load_classifier
     from synfer_ray.labeler.ensemble import PseudoLabeler, load_voters
     from synfer_ray.config import VoterConfig
     model = load_classifier(tiny_bundle_path / "sg_classifier")
@@ -320,7 +322,7 @@ def test_classifiers_train_on_deepspeeds_half_weights_beside_fp32_buffers(arch, 
     from deepspeed.runtime.config import DtypeEnum
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from synfer_ray.classifiers import build_classifier
+    from synfer_ray.models import build_classifier
     from synfer_ray.train.fer import TrainJob, _deepspeed_config
     job = SimpleNamespace(**{field: None for field in TrainJob.__dataclass_fields__})
     job.precision = "bf16"

@@ -239,7 +239,7 @@ def prepare(check: Check) -> None:
 
     from synfer_ray import taxonomy
     from synfer_ray.bundle import make_tiny_bundle
-    from synfer_ray.classifiers import build_classifier
+    from synfer_ray.models import build_classifier
     make_tiny_bundle(check.bundle, seed=0, resolution=RESOLUTION)
     build_classifier("small_convnext", taxonomy.AFFECTNET_7, RESOLUTION, seed=1).save_pretrained(check.evaluator)
     check.faces.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,31 @@ from synfer_ray.generator.sampler import GuidedSampler, SampleRequest, SamplerSe
 from synfer_ray.images import png_bytes
 from synfer_ray.precision import name_of
 
+# The columns generate_rows writes, in order, with what each holds (the docs' format reference).
+PROVENANCE_COLUMNS: dict[str, str] = {
+    "sample_id": "The row's index in the dataset's manifest: row i is the same on every run.",
+    "shard": "The shard the row was written in.",
+    "image": "The face, PNG bytes (RGB).",
+    "width": "Image width in pixels (the bundle's resolution).",
+    "height": "Image height in pixels.",
+    "seed": "The row's sampling seed (initial noise); with the other settings it reproduces the image.",
+    "prompt": "The text prompt the generator was conditioned on.",
+    "target": "The expression asked for (class name).",
+    "target_index": "The index of `target` in the bundle's classes.",
+    "au_names": "The names of the action units in `aus`, in order.",
+    "aus": "The action-unit intensities (0-1) the generator was conditioned on.",
+    "steps": "Sampling steps.",
+    "cfg_scale": "Classifier-free guidance scale on the text.",
+    "au_scale": "Guidance scale on the AU tokens.",
+    "sg_scale": "The row's own semantic-guidance scale (percent of the steered norm; 0: unguided).",
+    "sg_window": "The fraction of the last sampling steps that semantic guidance acted on.",
+    "sg_target": "What semantic guidance steered: text, au or both.",
+    "sg_adaptive": "Whether each guided step was scaled by 1 - p(target).",
+    "scheduler": "The diffusers scheduler that sampled the row.",
+    "precision": "The generator's weight dtype (fp32, bf16, fp16).",
+    "bundle_hash": "Content hash of the generator bundle that made the row.",
+}
+
 ENCODE_THREADS = 2  # enough to hide 8 PNGs of 512x512 behind one batch's sampling on an H200
 
 

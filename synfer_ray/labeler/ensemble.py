@@ -11,10 +11,26 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from synfer_ray.classifiers import load_classifier, predict_probabilities
+from synfer_ray.classifiers import predict_probabilities
 from synfer_ray.config import VoterConfig
 from synfer_ray.images import decode_rgb
+from synfer_ray.labeler.feranno import LABELER_DIR
 from synfer_ray.labeler.rectify import align_probabilities, rectify
+from synfer_ray.models import load_classifier
+
+
+# The columns label_table appends to a generated table, with what each holds (the docs' format reference).
+LABEL_COLUMNS: dict[str, str] = {
+    "voters": "The names of the voters (classifiers, FERAnno) whose probabilities are in `votes`.",
+    "votes": "Each voter's class probabilities for the row (voters x classes).",
+    "soft_label": "The weight-averaged votes (probabilities over classes); one-hot on the target where there "
+                  "are no voters.",
+    "label": "The final label (class name): the soft label's most probable class.",
+    "label_index": "The index of `label` in the bundle's classes.",
+    "confidence": "The soft label's probability of `label`.",
+    "accepted": "Whether `confidence` >= `labeling.tau` (and, with `labeling.require_target_agreement`, "
+                "`label` equals `target`); training reads accepted rows only.",
+}
 
 
 @dataclass
@@ -31,7 +47,6 @@ def load_voters(voters: Sequence[VoterConfig], device: str | torch.device = "cpu
     """Load each configured voter once, on ``device`` in ``dtype``; its name defaults to its
     directory's name. With ``bundle_labeler`` (a bundle path) that bundle's FERAnno labeler votes
     first, where it has one."""
-    from synfer_ray.labeler.feranno import LABELER_DIR
     loaded = []
     if bundle_labeler and (Path(bundle_labeler) / LABELER_DIR).is_dir():
         model = load_classifier(Path(bundle_labeler) / LABELER_DIR, field="bundle/labeler").to(device, dtype)

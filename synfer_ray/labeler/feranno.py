@@ -20,6 +20,7 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
+from synfer_ray.bundle import MANIFEST_NAME, load_bundle
 from synfer_ray.config import LabelerModelConfig
 from synfer_ray.errors import SynferError
 from synfer_ray.labeler.features import DiffusionFeatures, features_for_bundle, settings_from_config
@@ -123,7 +124,6 @@ def new_feranno(bundle_path: str | Path, classes: Sequence[str], model: LabelerM
                 seed: int = 0) -> FERAnnoClassifier:
     """A fresh head, sized and fed as ``model`` (``model.labeler`` of a training config) says, over the
     bundle's frozen diffusion features."""
-    from synfer_ray.bundle import load_bundle
     bundle_path = Path(bundle_path).resolve()
     bundle = load_bundle(bundle_path)
     settings = settings_from_config(model.model_dump(exclude={"dim", "heads", "standardize_inputs"}))
@@ -144,7 +144,6 @@ def is_feranno(path: str | Path) -> bool:
 
 def load_feranno(path: str | Path, field: str = "labeler") -> FERAnnoClassifier:
     """A saved head and its bundle: the enclosing bundle when the head sits in ``<bundle>/labeler``."""
-    from synfer_ray.bundle import MANIFEST_NAME, load_bundle
     path = Path(path)
     head = FERAnno.from_pretrained(str(path), use_safetensors=True).float()
     enclosing = path.resolve().parent

@@ -111,7 +111,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from synfer_ray.classifiers import build_classifier
+    from synfer_ray.models import build_classifier
     from synfer_ray.evaluate import confusion_matrix, metrics_from_confusion
     from synfer_ray.train.losses import soft_cross_entropy, warmup_cosine
 

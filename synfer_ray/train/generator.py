@@ -280,7 +280,7 @@ def _base_directory(base_model: str) -> Path:
 
 def _check(config: GeneratorTrainConfig, output: Path, overwrite: bool):
     from synfer_ray.bundle import BundleManifest
-    from synfer_ray.classifiers import load_classifier
+    from synfer_ray.models import load_classifier
     if (output / BUNDLE_DIR).exists() and not overwrite:
         raise SynferError("output", config.output, "a directory without a finished bundle/ (this run is done); "
                                                    "use another output or --overwrite")
@@ -399,7 +399,7 @@ def write_bundle(components: Path, target: Path, classes: Sequence[str], resolut
     """Copy the trained components to ``target`` with the guide (a LoRA merged into a plain UNet),
     and seal the manifest."""
     from synfer_ray.bundle import seal_bundle
-    from synfer_ray.classifiers import load_classifier
+    from synfer_ray.models import load_classifier
     from synfer_ray.train.diffusion import merge_lora_directory
     staged = target.with_name(target.name + ".tmp")
     shutil.rmtree(staged, ignore_errors=True)

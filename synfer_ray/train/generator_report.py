@@ -103,7 +103,8 @@ def originals_from(faces: dict[str, Sequence], classes: Sequence[str], size: int
 def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, originals: np.ndarray) -> dict[str, Any]:
     """Write ``contact_sheet.png``, ``reconstructions.png`` and ``quality.json`` under ``out``."""
     from synfer_ray.bundle import load_bundle
-    from synfer_ray.classifiers import load_classifier, predict_probabilities
+    from synfer_ray.classifiers import predict_probabilities
+    from synfer_ray.models import load_classifier
     from synfer_ray.generator.sampler import SamplerSettings
     from synfer_ray.precision import resolve
     device = report_device()
@@ -147,7 +148,7 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
     import time
 
     from synfer_ray.bundle import load_bundle
-    from synfer_ray.classifiers import load_classifier
+    from synfer_ray.models import load_classifier
     device = report_device()  # fp32 throughout: the sweep's figures compare across machines
     bundle = load_bundle(bundle_path, sg_classifier=sg_classifier).to(device)
     evaluator = load_classifier(evaluator_path, field="evaluator").to(device)
