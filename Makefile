@@ -30,9 +30,8 @@ browser:
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-# The suite without the tests marked long: about 52 min of pytest on a 2-core host at half the
-# brief's speed (README, "Two commands"); CI allows 90 with set-up. The scaled-down study (long:
-# eight trainings and five generations, 11 min there) runs with `make test-long`.
+# `make test` runs the suite without the tests marked long (what CI runs); `make test-long` runs the
+# long ones (the scaled-down study). Their durations are in docs/results/benchmarks.md.
 test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -m "not long" $(PYTEST_ARGS)
 

@@ -4,10 +4,11 @@ StableDiffusionPipeline on the same random-weight SD 1.5 bundle, DDIM, fp16, in 
     python benchmarks/bench_gpu.py                        # sd15 at 512x512, fp16, 25 steps, batch 8
     python benchmarks/bench_gpu.py --device cpu --precision bf16 --arch tiny --resolution 48   # here
 
-On the GPU machine it runs from the source tree with the archive of `make gpu-wheels` on PYTHONPATH
-(cluster/gpu/README.md); the device tool call (`make gpu-bench` there does the same) is
-    run(command="bash cluster/gpu/with-wheels.sh build/gpu-wheels/site.tar.xz benchmarks/bench_gpu.py",
-        carry=["build/gpu-wheels"], timeout_s=300)
+On a CUDA host with this project's packages it runs as above. A GPU host without network access
+runs it from the source tree with the wheel archive (cluster/gpu/README.md): `make gpu-wheels` on a
+machine with the package index builds build/gpu-wheels/site.tar.xz, and on the host
+(`make gpu-bench` there does the same)
+    bash cluster/gpu/with-wheels.sh build/gpu-wheels/site.tar.xz benchmarks/bench_gpu.py
 
 Configurations, each timed ``repeats`` times interleaved after a warm-up (best kept): diffusers
 (CFG ``--cfg``), ours text only (CFG 1, AU 0), ours doing the reference's work (CFG, AU scale 0, SG

@@ -12,7 +12,7 @@ from synfer_ray.errors import SynferError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Measured with benchmarks/bench_sampler.py on this project's CPU machine (README, "Precision").
+# Measured with benchmarks/bench_sampler.py (docs/results/benchmarks.md).
 CPU_DEFAULT = "fp32"
 
 

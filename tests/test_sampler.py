@@ -440,7 +440,7 @@ def test_the_default_rule_ignores_scales_past_a_targets_peak():
 
 
 def test_weak_classes_are_lifted_by_the_smallest_scale_of_their_curve():
-    """The study's sweep (docs/study.md), fixed steps on the AU tokens: at SG 8 only fear is read as
+    """The study's sweep (docs/results/study.md), fixed steps on the AU tokens: at SG 8 only fear is read as
     asked under 30% of the time (20%); AU 32 is the first scale at which it reaches 30% (38%)."""
     from synfer_ray.train.generator_report import class_scales_line, class_scales_to_floor, sweep_table
 

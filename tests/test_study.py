@@ -171,7 +171,7 @@ def classifier_yaml(path, faces, arch, seed, part, epochs=1, test=False, **model
 
 
 @pytest.mark.slow
-@pytest.mark.long  # 11-21 min on a 2-core machine: `make test-long`
+@pytest.mark.long  # the longest run of the suite: `make test-long`
 def test_scaled_down_study_fills_every_table_cell(ray_cluster, tiny_bundle_path, separable_parquet, tmp_path):
     from synfer_ray.study import run_study
     faces = separable_parquet

@@ -1,10 +1,11 @@
 """One GPU check: every synfer stage on CUDA in half precision, at small size, one line per stage.
 
-On a session's GPU machine (the device tool), after `make gpu-wheels` here (`make gpu-check` there
-is the same command; this one does not need make):
+On a CUDA host that has this project's packages installed, run it directly. A GPU host without
+network access gets the wheel archive instead: `make gpu-wheels` on a machine with the package index
+builds build/gpu-wheels/site.tar.xz; copy it with the source tree to the host, where
+cluster/gpu/with-wheels.sh unpacks it and runs this script (`make gpu-check` there does the same):
 
-    run(command="bash cluster/gpu/with-wheels.sh build/gpu-wheels/site.tar.xz cluster/gpu/check.py",
-        carry=["build/gpu-wheels"], timeout_s=600)  # more than 480 s on the H200
+    bash cluster/gpu/with-wheels.sh build/gpu-wheels/site.tar.xz cluster/gpu/check.py
 
 The same logic on CPU (a dry run of everything but CUDA; see cluster/gpu/README.md):
 
@@ -19,7 +20,8 @@ fp16/bf16), train-generator (``--from`` a tiny SD-layout bundle), train-adapter,
 evaluate, bundle quality and a study of two conditions and three downstream runs. On CUDA a stage
 passes only if its processes' GPU memory rose while it ran (sampled with nvidia-smi), so one that
 silently fell back to the CPU fails. Prints ``PASS|FAIL stage seconds [reason]``; writes ``gpu-check.json``
-and every stage's log under ``--out`` (``$OUT`` when set). Exits 1 when any stage fails.
+and every stage's log under ``--out`` (default: the output folder given by the OUT environment
+variable when it is set, else build/gpu-check). Exits 1 when any stage fails.
 """
 
 from __future__ import annotations

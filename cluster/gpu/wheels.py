@@ -1,23 +1,24 @@
-"""The packages a bare GPU machine lacks, as ONE trimmed archive that travels with the working tree.
+"""The packages a bare GPU host lacks, as ONE trimmed archive that travels with the working tree.
 
     python cluster/gpu/wheels.py build [--python 3.12]     # here: download, trim, pack, size-check
     python cluster/gpu/wheels.py unpack ARCHIVE DEST        # there: unpack what that Python lacks
 
-The device machine has Python 3.12, torch, transformers, peft, accelerate, pyarrow, pandas, typer,
-aiohttp and grpcio, but not Ray, diffusers, DeepSpeed, FastAPI or pydantic, and no network; what a
-command carries there is capped at 64 MiB with the working tree. So ``build`` downloads binary
+It is for a GPU host without network access that has Python (3.12 by default), a CUDA torch and
+typically transformers, peft, accelerate, pyarrow, pandas, typer, aiohttp and grpcio, but not Ray,
+diffusers, DeepSpeed, FastAPI or pydantic; the archive may have to travel over a size-limited copy
+together with the working tree (``--limit-mib``). So ``build`` downloads binary
 wheels for the target Python at the versions of ``constraints.txt`` (``pip download --no-deps``),
 builds DeepSpeed's sdist here into a pure-Python wheel (``DS_BUILD_OPS=0``: no compiled ops, so
 nothing is built there), unpacks them into one ``site/`` tree, trims what the check never imports
 (Ray's Java jars, RLlib, LLM, examples, the dashboard's web build, every ``tests/``, AVIF, most of
 matplotlib's fonts and fontTools; the symbol tables of Ray's binaries and of shared objects) and
-packs it as ``site.tar.xz``, alone in its folder (the folder is what the device tool's ``carry``
-names). It fails when the archive plus the working tree would pass ``--limit-mib``. MLflow does not
+packs it as ``site.tar.xz``, alone in its folder (build/gpu-wheels by default, so the folder can be
+copied whole). It fails when the archive plus the working tree would pass ``--limit-mib``. MLflow does not
 travel: the check runs with tracking off.
 
 Two kinds of package travel. ``PINNED`` ones are this project's own dependencies at its pinned
 versions and always win. ``SUPPORT`` ones fill gaps: ``unpack`` deletes each of them that the target
-Python already has at the same or a newer version, so the device's own copy is used unless it is
+Python already has at the same or a newer version, so the host's own copy is used unless it is
 missing or older than what our packages need.
 
 Standard library only (``build`` also needs pip, ``tar``, ``xz`` and, to build DeepSpeed, torch).
@@ -39,10 +40,10 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = "SYNFER_GPU_WHEELS.json"
 ARCHIVE = "site.tar.xz"
 
-# The project's own dependencies that a GPU machine lacks: ours always win.
+# The project's own dependencies that a bare GPU host lacks: ours always win.
 PINNED = ["ray", "diffusers", "deepspeed", "pydantic", "pydantic_core", "fastapi", "starlette", "uvicorn"]
-# What those import at run time (found by running the check in a venv holding only the device's
-# packages; see README.md), plus pytest for `pytest -m gpu`. Used only where the device lacks them.
+# What those import at run time (found by running the check in a venv holding only a bare GPU host's
+# packages; see README.md), plus pytest for `pytest -m gpu`. Used only where the host lacks them.
 SUPPORT = [
     "annotated-types", "typing-inspection", "annotated-doc", "anyio", "h11",  # pydantic, fastapi, uvicorn
     "msgpack", "protobuf", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",  # ray core
@@ -53,12 +54,12 @@ SUPPORT = [
     "matplotlib", "contourpy", "cycler", "kiwisolver", "pyparsing", "python-dateutil", "six",  # reports
     "fonttools",  # matplotlib.dviread imports fontTools.agl at pyplot import
     "pytest", "pluggy", "iniconfig",  # `python -m pytest -m gpu`
-    "typing_extensions", "packaging", "huggingface-hub",  # newer than an older device may have
+    "typing_extensions", "packaging", "huggingface-hub",  # newer than an older host may have
 ]
-# Where the device's own packages bound a support package tighter than constraints.txt does:
-# diffusers 0.42 needs huggingface-hub >= 1.32, the device's transformers 5.17 needs < 2; the
-# device's grpcio 1.84.0 refuses grpcio-reflection's generated code of any later version (Ray Serve
-# imports it: `synfer serve` died on the H200 with 1.85.1, 2026-11-30).
+# Where a host's own packages bound a support package tighter than constraints.txt does:
+# diffusers 0.42 needs huggingface-hub >= 1.32, transformers 5.17 needs < 2; grpcio 1.84.0 refuses
+# grpcio-reflection's generated code of any later version (Ray Serve imports it: `synfer serve`
+# fails on such a host with grpcio-reflection 1.85.1).
 ARCHIVE_PINS = {"huggingface-hub": "1.33.0", "grpcio-reflection": "1.84.0"}
 
 # Paths (relative to site/) never imported by the check; every ``tests`` folder goes too.
@@ -188,7 +189,7 @@ def tree_bytes(path: Path) -> int:
 
 
 def tracked_bytes() -> int:
-    """What the device tool copies besides ``carry``: tracked files and untracked ones git does not ignore."""
+    """The working tree that travels beside the archive: tracked files and untracked ones git does not ignore."""
     listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                              check=True, capture_output=True).stdout.decode()
     return sum((ROOT / name).stat().st_size for name in listing.split("\0") if name and (ROOT / name).is_file())
@@ -241,14 +242,14 @@ def build(python: str, out: Path, work: Path, limit_mib: float) -> Path:
     largest = sorted(sizes.items(), key=lambda item: -item[1])[:6]
     print("largest unpacked: " + ", ".join(f"{name} {size / 2**20:.1f}" for name, size in largest) + " MiB")
     print(f"archive {archive} {archive_mib:.1f} MiB + working tree {tree_mib:.1f} MiB = "
-          f"{archive_mib + tree_mib:.1f} MiB (limit {limit_mib:g} MiB; the device tool carries at most 64)")
+          f"{archive_mib + tree_mib:.1f} MiB (limit {limit_mib:g} MiB, --limit-mib)")
     if archive_mib + tree_mib > limit_mib:
         raise SystemExit(f"error: {archive_mib + tree_mib:.1f} MiB would not travel; trim more (TRIM in {__file__}) "
-                         f"or move packages from SUPPORT to what the device has")
+                         f"or move packages from SUPPORT to what the GPU host has")
     return archive
 
 
-# --- on the device ------------------------------------------------------------------------------
+# --- on the GPU host ----------------------------------------------------------------------------
 
 def installed_version(name: str) -> str | None:
     """The version of ``name`` as this Python sees it without our tree on its path, or None."""
@@ -297,12 +298,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("build", help="download, trim and pack (here, with network)")
-    make.add_argument("--python", default="3.12", help="target CPython version (3.12 on the GPU machine)")
+    make.add_argument("--python", default="3.12", help="target CPython version (the GPU host's; default 3.12)")
     make.add_argument("--out", type=Path, help="folder for the archive alone (default build/gpu-wheels[-pyXY])")
     make.add_argument("--work", type=Path, default=ROOT / "build" / "gpu-wheels-work")
-    # 60.8 MiB travelled to the H200 on 2026-11-30; the tool refuses past 64.
-    make.add_argument("--limit-mib", type=float, default=63.0, help="archive + working tree must stay under this")
-    take = commands.add_parser("unpack", help="unpack on the device; prints the site folder (what it did: stderr)")
+    make.add_argument("--limit-mib", type=float, default=63.0,
+                      help="size cap in MiB for the archive plus the working tree, for when they must travel "
+                           "over a size-limited copy (default 63)")
+    take = commands.add_parser("unpack", help="unpack on the GPU host; prints the site folder (what it did: stderr)")
     take.add_argument("archive", type=Path)
     take.add_argument("dest", type=Path)
     args = parser.parse_args()
@@ -314,7 +316,7 @@ def main() -> None:
 
 
 def default_folder(python: str) -> Path:
-    """``build/gpu-wheels`` for the device's 3.12, ``build/gpu-wheels-py311`` for a dry run here."""
+    """``build/gpu-wheels`` for the default 3.12, ``build/gpu-wheels-py311`` for a dry run here."""
     suffix = "" if python == "3.12" else f"-py{python.replace('.', '')}"
     return ROOT / "build" / f"gpu-wheels{suffix}"
 

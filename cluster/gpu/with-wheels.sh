@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Run a Python script of this tree on a bare machine with the packages of `make gpu-wheels`: unpack
-# the carried archive to a temporary folder, put it and the source tree on PYTHONPATH (nothing is
-# pip-installed; the machine's own torch and friends are used), run the script, tee its output to
-# $OUT/<script>.log (the device tool sets OUT; else build/gpu-check).
+# Run a Python script of this tree on a GPU host without network access, with the packages of
+# `make gpu-wheels` (build/gpu-wheels/site.tar.xz): unpack the archive to a temporary folder, put it
+# and the source tree on PYTHONPATH (nothing is pip-installed; the host's own torch and friends are
+# used), run the script, tee its output to <out>/<script>.log, where <out> is the output folder given
+# by the OUT environment variable (optional; default build/gpu-check). OUT is exported to the script.
 #   usage: cluster/gpu/with-wheels.sh ARCHIVE SCRIPT|-m MODULE [ARGS...]   (GPU_PYTHON picks the interpreter)
 set -euo pipefail
 archive=$1

@@ -13,7 +13,7 @@ faces-48 text embedding, norm about 100, the two coincide).
 Adaptive steps (``adaptive``) scale each sample's step by ``1 - p``, p the guide's probability that the
 face it predicts already shows the asked class, so a face that reads as its class is barely moved. On
 faces-48 they trade agreement for diversity as fixed steps do, but do not break faces at large scales
-(docs/study.md, the SG sweep).
+(docs/results/study.md, the SG sweep).
 """
 
 from __future__ import annotations
