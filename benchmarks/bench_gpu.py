@@ -20,7 +20,11 @@ end-to-end figure is printed beside it). Peak memory is
 included); the pipeline's actors are other processes, so its figure is nvidia-smi's rise.
 Prints the three target lines: same work as diffusers >= 0.95x, pipeline vs sampler >= 0.9x, SG
 time vs CFG time <= 2.5x; then the parts of one guided step (the CFG pass, and the UNet, the VAE
-decoder and the guide each forward and backward) timed alone, to say where SG's time goes.
+decoder and the guide each forward and backward) timed alone, to say where SG's time goes; then
+what SG costs with each guide (benchmarks/sg_cost.py: the pixel guide, the latent guide, reusing the
+guide's pass, recomputing activations), one line each:
+``sg cost <bundle> <guide>: time 1.42x, peak memory 1.21x of CFG + AU`` (the whole sample at
+``--steps`` with the last 40% guided; peak memory the allocator's, weights included).
 """
 
 from __future__ import annotations
@@ -283,8 +287,33 @@ def main() -> None:
     for label, seconds in part_seconds.items():
         memory = "-" if part_peak[label] is None else part_peak[label]
         print(f"  {label:44s} {seconds * 1000:9.1f} {seconds / cfg_pass:7.2f}x {memory:>9}")
+    for line in sg_cost_lines(bundle_path, args, device, dtype, size):
+        print(line, flush=True)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def sg_cost_lines(bundle_path: Path, args, device: torch.device, dtype: torch.dtype, size: int) -> list[str]:
+    """What SG costs with each guide on this bundle, batch and steps (sg_cost.py), at window 0.4."""
+    import sg_cost
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-sg-cost-"))
+    guide = sg_cost.random_latent_guide(bundle_path, work / "latent-guide")
+    sampler = GuidedSampler(load_bundle(bundle_path, dtype=dtype, sg_latent_guide=guide).to(device))
+    requests = sg_cost.requests_for(sampler.bundle, args.batch)
+    modes = list(sg_cost.MODES)
+    times = sg_cost.step_times(sampler, requests, modes, args.sg_scale, args.repeats, lambda: synchronize(device))
+    if device.type == "cuda":
+        peaks = {mode: sg_cost.cuda_peak(sampler, requests, mode, args.sg_scale) for mode in [sg_cost.CFG, *modes]}
+    else:
+        del sampler
+        peaks = {mode: sg_cost.cpu_peak(bundle_path, guide, mode, args.batch, args.sg_scale, args.threads)
+                 for mode in [sg_cost.CFG, *modes]}
+    shutil.rmtree(work, ignore_errors=True)
+    label = f"{args.arch}-{size}-{args.precision}"
+    return [f"semantic guidance by guide, batch {args.batch}, SG {args.sg_scale:g} on the AU tokens:",
+            *sg_cost.report(label, times, peaks, args.steps, 0.4)]
 
 
 if __name__ == "__main__":

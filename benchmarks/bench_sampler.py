@@ -16,6 +16,14 @@
 
 Without --bundle a tiny bundle is made in a temporary directory. Each timed configuration runs
 ``repeats`` times, interleaved, and the best time is kept (this machine is noisy).
+
+    python benchmarks/bench_sampler.py --sg-cost [--sg-batch 2] [--sg-resolution 256]
+
+5. Instead of the above, what semantic guidance costs with each guide (``sg_cost.py``): on an
+   ``sd15``-shaped random-weight bundle at ``--sg-resolution``, made in a temporary directory, and on
+   the shipped ``models/faces-48``: a guided step's time and a whole sample's (``--sg-steps`` steps,
+   the last ``--sg-window`` guided) as ratios to CFG + AU, and peak RSS. One line per guide:
+   ``sg cost <bundle> <guide>: time 1.42x, peak memory 1.21x of CFG + AU``.
 """
 
 from __future__ import annotations
@@ -64,6 +72,34 @@ def agreement(sampler: GuidedSampler, evaluator, settings: SamplerSettings, per_
     return shares["overall"], images
 
 
+def sg_cost_lines(args) -> None:
+    """Part 5: the SG cost of each guide on an SD 1.5-shaped bundle and on faces-48 (sg_cost.py)."""
+    import sg_cost
+    from synfer_ray.bundle import make_random_bundle
+
+    work = Path(tempfile.mkdtemp(prefix="sg-cost-"))
+    sd15 = work / f"sd15-{args.sg_resolution}"
+    make_random_bundle(sd15, "sd15", resolution=args.sg_resolution)
+    shipped = Path(__file__).resolve().parents[1] / "models" / "faces-48"
+    print(f"batch {args.sg_batch}, CFG 3, SG {args.sg_scale:g} on the AU tokens, {args.threads} torch threads, "
+          f"best of {args.sg_repeats}; peak memory = peak RSS of a fresh process (models included)")
+    for label, path in ((f"sd15-{args.sg_resolution}", sd15), ("faces-48", shipped)):
+        if not path.is_dir():
+            print(f"{label}: not found at {path}, skipped")
+            continue
+        guide = sg_cost.random_latent_guide(path, work / f"{label}-latent-guide")
+        sampler = GuidedSampler(load_bundle(path, sg_latent_guide=guide))
+        requests = sg_cost.requests_for(sampler.bundle, args.sg_batch)
+        started = time.perf_counter()
+        times = sg_cost.step_times(sampler, requests, list(sg_cost.MODES), args.sg_scale, args.sg_repeats)
+        del sampler
+        peaks = {mode: sg_cost.cpu_peak(path, guide, mode, args.sg_batch, args.sg_scale, args.threads)
+                 for mode in [sg_cost.CFG, *sg_cost.MODES]}
+        for line in sg_cost.report(label, times, peaks, args.sg_steps, args.sg_window):
+            print(line, flush=True)
+        print(f"  ({label} measured in {time.perf_counter() - started:.0f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path)
@@ -76,8 +112,18 @@ def main() -> None:
     parser.add_argument("--evaluator", type=Path)
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--quality-steps", type=int, default=25)
+    parser.add_argument("--sg-cost", action="store_true", help="measure only what SG costs with each guide")
+    parser.add_argument("--sg-batch", type=int, default=2)
+    parser.add_argument("--sg-resolution", type=int, default=256)
+    parser.add_argument("--sg-steps", type=int, default=25)
+    parser.add_argument("--sg-window", type=float, default=0.4)
+    parser.add_argument("--sg-scale", type=float, default=8.0)
+    parser.add_argument("--sg-repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sg_cost:
+        sg_cost_lines(args)
+        return
     bundle_path = args.bundle
     if bundle_path is None:
         bundle_path = Path(tempfile.mkdtemp()) / "tiny"

@@ -4,7 +4,8 @@ Layout (every component loads on its own with ``from_pretrained``)::
 
     model_index.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/   (diffusers SD layout)
     au_adapter/       config.json + diffusion_pytorch_model.safetensors
-    sg_classifier/    optional FER classifier for semantic guidance (transformers, safetensors)
+    sg_classifier/    optional FER classifier for semantic guidance on decoded images (transformers, safetensors)
+    sg_latent_guide/  optional FER classifier for semantic guidance on latents (generator/latent_guide.py)
     synfer_bundle.json  classes, AU names, resolution, versions, content hash, base_model
 
 ``base_model`` lets a bundle hold only the adapter and name the SD weights elsewhere (a hub id
@@ -34,6 +35,7 @@ from synfer_ray.config import GeneratorArchitecture
 from synfer_ray.classifiers import FERClassifier, tiny_resnet
 from synfer_ray.errors import SynferError
 from synfer_ray.generator.au_adapter import AUAdapter, install_au_adapter
+from synfer_ray.generator.latent_guide import LATENT_GUIDE_DIR, LatentGuide, is_latent_guide, vae_sha256
 
 MANIFEST_NAME = "synfer_bundle.json"
 FORMAT_VERSION = 1
@@ -109,6 +111,7 @@ class Bundle:
     scheduler: DDIMScheduler
     au_adapter: AUAdapter
     sg_classifier: FERClassifier | None = None
+    sg_latent_guide: LatentGuide | None = None
 
     @property
     def content_hash(self) -> str:
@@ -123,7 +126,8 @@ class Bundle:
         return self.manifest.au_names
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Bundle":
-        for module in (self.unet, self.vae, self.text_encoder, self.au_adapter, self.sg_classifier):
+        for module in (self.unet, self.vae, self.text_encoder, self.au_adapter, self.sg_classifier,
+                       self.sg_latent_guide):
             if module is not None:
                 module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
         return self
@@ -146,13 +150,28 @@ def _load_component(loader, source: str, subfolder: str, method: str = "from_pre
                           f"({type(error).__name__}: {str(error)[:300]})") from error
 
 
+def load_latent_guide(path: str | Path, bundle_path: Path | None, field: str = "sg_latent_guide") -> LatentGuide:
+    """A saved :class:`LatentGuide`, refused unless it was trained in the latent space of the VAE of
+    ``bundle_path`` (None: a bundle whose VAE lives in its base model, not checked here)."""
+    if not is_latent_guide(path):
+        raise SynferError(field, str(path), "a latent guide directory (config.json naming LatentGuide + "
+                                            "safetensors), as `synfer train` with model.arch latent-guide saves")
+    guide = LatentGuide.from_pretrained(str(path), use_safetensors=True)
+    trained_on = guide.config.vae_sha256
+    if bundle_path is not None and trained_on and trained_on != vae_sha256(bundle_path):
+        raise SynferError(field, str(path), f"a latent guide trained on the VAE of {bundle_path}; this one was "
+                                            f"trained on another VAE ({guide.config.bundle or 'unnamed bundle'})")
+    return guide
+
+
 def load_bundle(path: str | Path, verify: bool = True, sg_classifier: str | Path | None = None,
-                dtype: torch.dtype = torch.float32) -> Bundle:
+                dtype: torch.dtype = torch.float32, sg_latent_guide: str | Path | None = None) -> Bundle:
     """Load a bundle for inference: every component frozen and in eval mode, adapter installed.
 
     ``verify`` recomputes the content hash so a changed or truncated file is caught here, not as
     odd images later. ``sg_classifier`` overrides the bundle's own guiding classifier: a transformers
-    image classifier (a FERAnno labeler cannot guide: it reads images without gradients).
+    image classifier (a FERAnno labeler cannot guide: it reads images without gradients);
+    ``sg_latent_guide`` overrides its latent guide (``sg_latent_guide/``), which must fit its VAE.
     """
     transformers_logging.disable_progress_bar()
     path = Path(path)
@@ -175,13 +194,18 @@ def load_bundle(path: str | Path, verify: bool = True, sg_classifier: str | Path
     classifier = None
     if sg_classifier or classifier_path.is_dir():
         classifier = FERClassifier.from_pretrained(classifier_path, field="sg_classifier")
-    for module in (unet, vae, text_encoder, adapter, classifier):
+    latent_guide_path = Path(sg_latent_guide) if sg_latent_guide else path / LATENT_GUIDE_DIR
+    latent_guide = None
+    if sg_latent_guide or latent_guide_path.is_dir():
+        # A base_model bundle keeps no VAE of its own to check the guide against.
+        latent_guide = load_latent_guide(latent_guide_path, path if (path / "vae").is_dir() else None)
+    for module in (unet, vae, text_encoder, adapter, classifier, latent_guide):
         if module is not None:
             # Shipped bundles may hold fp16 weights; compute in ``dtype`` (fp32 on CPU).
             if next(module.parameters()).dtype != dtype:
                 module.to(dtype)
             module.eval().requires_grad_(False)
-    return Bundle(path, manifest, unet, vae, text_encoder, tokenizer, scheduler, adapter, classifier)
+    return Bundle(path, manifest, unet, vae, text_encoder, tokenizer, scheduler, adapter, classifier, latent_guide)
 
 
 def save_bundle(path: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,

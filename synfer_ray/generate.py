@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synfer_ray import taxonomy
-from synfer_ray.bundle import BundleManifest, content_hash
+from synfer_ray.bundle import BundleManifest, content_hash, load_latent_guide
 from synfer_ray.config import ADDED_GENERATE_SETTINGS, GenerateConfig, without_added_settings
+from synfer_ray.config.generate import without_row_neutral_settings
 from synfer_ray.data.manifest import ManifestSpec
 from synfer_ray.data.card import EXAMPLES_PER_CLASS, card_figures, total_statistics
 from synfer_ray.data.passes import Pass, plan_top_up, shortfall
@@ -45,8 +46,23 @@ def _check_classifier_dir(path: str, field: str) -> None:
         raise SynferError(field, path, "a directory holding a saved FER classifier (config.json + safetensors)")
 
 
+def _check_latent_guide(bundle_path: Path, sampling, guided: bool) -> None:
+    """A given latent guide must be one, trained on this bundle's VAE; with ``sg_guide: latents`` and SG
+    on, one must exist (the given one or the bundle's ``sg_latent_guide/``)."""
+    from synfer_ray.generator.latent_guide import LATENT_GUIDE_DIR, is_latent_guide
+    if sampling.sg_latent_guide:
+        load_latent_guide(sampling.sg_latent_guide, bundle_path if (bundle_path / "vae").is_dir() else None,
+                          field="sampling.sg_latent_guide")
+    elif guided and sampling.sg_guide == "latents" and not is_latent_guide(bundle_path / LATENT_GUIDE_DIR):
+        raise SynferError("sampling.sg_guide", sampling.sg_guide,
+                          f"pixels, or a latent guide for this bundle: sampling.sg_latent_guide or the "
+                          f"bundle's {LATENT_GUIDE_DIR}/ (it has none)")
+
+
 def identity(config: GenerateConfig, bundle_hash: str) -> dict[str, Any]:
-    dumped = config.model_dump(mode="json")
+    # Settings that change how rows are computed but not their bytes (sampling.sg_checkpointing) are left
+    # out: switching one resumes the same dataset.
+    dumped = without_row_neutral_settings(config.model_dump(mode="json"))
     return {"bundle_hash": bundle_hash, "generator.batch_size": config.generator.batch_size,
             **{key: dumped[key] for key in _IDENTITY_KEYS}}
 
@@ -113,9 +129,10 @@ def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJo
             resolve(config.precision, "cpu", field="precision")
     if sampling.sg_classifier:
         _check_classifier_dir(sampling.sg_classifier, "sampling.sg_classifier")
-    elif settings.uses_sg and not (bundle_path / "sg_classifier").is_dir():
+    elif settings.uses_sg and sampling.sg_guide == "pixels" and not (bundle_path / "sg_classifier").is_dir():
         raise SynferError("sampling.sg_scale", sampling.sg_scale,
                           "0, or a guiding classifier: sampling.sg_classifier or the bundle's sg_classifier/")
+    _check_latent_guide(bundle_path, sampling, settings.uses_sg)
     for index, voter in enumerate(config.labeling.voters):
         _check_classifier_dir(voter.path, f"labeling.voters[{index}].path")
     spec = ManifestSpec(seed=config.seed, classes=manifest.classes, class_weights=tuple(float(w) for w in weights),
@@ -128,7 +145,8 @@ def prepare(config: GenerateConfig, overwrite: bool = False) -> tuple[GenerateJo
     store.check_writable()
     identity_now = identity(config, manifest.content_hash)
     job = GenerateJob(bundle=str(bundle_path.resolve()), output=config.output, spec=spec, plan=pass_plan(first),
-                      settings=settings, sg_classifier=sampling.sg_classifier, labeling=config.labeling,
+                      settings=settings, sg_classifier=sampling.sg_classifier,
+                      sg_latent_guide=sampling.sg_latent_guide, labeling=config.labeling,
                       generator=config.generator, labeler=config.labeler, precision=config.precision)
     if store.exists(CONFIG_NAME):
         # A dataset begun before a setting existed resumes under a config that leaves it as it was.

@@ -37,7 +37,8 @@ def generate_pngs(bundle_path: Path, expression: str, out: Path, *, aus: Mapping
                   prompt: str | None = None, seed: int = 0, n: int = 4, steps: int = 25,
                   cfg_scale: float = 3.0, au_scale: float = 1.0, sg_scale: float = 0.0,
                   sg_window: float = 0.4, sg_target: str = DEFAULT_SG_TARGET, sg_adaptive: bool = False,
-                  sg_classifier: Path | None = None,
+                  sg_classifier: Path | None = None, sg_guide: str = "pixels", sg_reuse_pass: bool = False,
+                  sg_checkpointing: bool = False, sg_latent_guide: Path | None = None,
                   reference: Path | None = None, scheduler: str = "ddim", precision: str = "auto",
                   device: str = "cpu") -> list[Path]:
     """Write ``n`` PNGs (seeds ``seed`` .. ``seed + n - 1``) and one ``<name>.json`` beside each."""
@@ -46,13 +47,15 @@ def generate_pngs(bundle_path: Path, expression: str, out: Path, *, aus: Mapping
     from synfer_ray.precision import resolve
     settings = SamplerSettings(steps=steps, cfg_scale=cfg_scale, au_scale=au_scale, sg_scale=sg_scale,
                                sg_window=sg_window, scheduler=scheduler, sg_target=sg_target,
-                               sg_adaptive=sg_adaptive)
+                               sg_adaptive=sg_adaptive, sg_guide=sg_guide, sg_reuse_pass=sg_reuse_pass,
+                               sg_checkpointing=sg_checkpointing)
     if device not in ("cpu", "cuda"):
         raise SynferError("--device", device, "cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise SynferError("--device", device, "cpu on a machine without CUDA")
     dtype = resolve(precision, device, field="--precision")
-    bundle = load_bundle(bundle_path, sg_classifier=sg_classifier, dtype=dtype).to(device)
+    bundle = load_bundle(bundle_path, sg_classifier=sg_classifier, sg_latent_guide=sg_latent_guide,
+                         dtype=dtype).to(device)
     reference_image = read_rgb(reference, bundle.manifest.resolution, "--reference") if reference else None
     target, requests = expression_requests(bundle, expression, aus, prompt, seed, n, reference_image,
                                           aus_field="--au")

@@ -32,6 +32,7 @@ class GenerateJob:
     plan: ShardPlan
     settings: SamplerSettings
     sg_classifier: str | None
+    sg_latent_guide: str | None  # a latent guide overriding the bundle's sg_latent_guide/
     labeling: LabelingConfig
     generator: PoolConfig
     labeler: PoolConfig
@@ -69,7 +70,8 @@ class GenerateShard:
         self.job = job
         device = device_for(job.generator.num_gpus)
         dtype = resolve(job.precision, device)
-        bundle = load_bundle(job.bundle, verify=False, sg_classifier=job.sg_classifier, dtype=dtype).to(device)
+        bundle = load_bundle(job.bundle, verify=False, sg_classifier=job.sg_classifier,
+                             sg_latent_guide=job.sg_latent_guide, dtype=dtype).to(device)
         self.sampler = GuidedSampler(bundle, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from synfer_ray.config import Scheduler, ServeConfig, SgTarget, build_config
+from synfer_ray.config.generate import SgGuide
 from synfer_ray.errors import SynferError
 
 MAX_SEED = 2**63 - 1
@@ -69,6 +70,13 @@ class GenerateRequest(BaseModel):
     sg_adaptive: bool | None = Field(
         None, description="Scale each image's semantic-guidance step by 1 - p(target), the guide's reading of "
                           "the face so far; default: the server's (ServeConfig.sg_adaptive).")
+    sg_guide: SgGuide | None = Field(
+        None, description="What the guide reads: pixels (the decoded image) or latents (the predicted clean "
+                          "latent, no decode: cheaper; the server needs a latent guide); default: the "
+                          "server's (ServeConfig.sg_guide).")
+    sg_reuse_pass: bool | None = Field(
+        None, description="Take the guide's UNet pass as each guided step's conditional half (one pass fewer; "
+                          "the move acts from the next step on); default: the server's (ServeConfig.sg_reuse_pass).")
     format: Literal["json", "png"] = Field("json", description="'png' returns image/png bytes (n must be 1).")
 
 
@@ -130,6 +138,13 @@ def check_class_scales(config: ServeConfig, classes: Sequence[str]) -> None:
     unknown = sorted(set(config.sg_class_scales) - set(classes))
     if unknown:
         raise SynferError(f"sg_class_scales.{unknown[0]}", unknown[0], f"a class of the bundle: {list(classes)}")
+
+
+def check_guides(config: ServeConfig, has_latent_guide: bool) -> None:
+    """A default guide the server cannot run would fail every guided request: refused at start."""
+    if config.sg_guide == "latents" and not has_latent_guide:
+        raise SynferError("sg_guide", config.sg_guide, "pixels, or a latent guide: sg_latent_guide or the "
+                                                       "bundle's sg_latent_guide/ (it has none)")
 
 
 def _replica() -> "SynferGenerator":
@@ -231,7 +246,10 @@ class SynferGenerator:
         from synfer_ray.precision import device_for, resolve
         device = device_for(self.config.num_gpus)
         dtype = resolve(self.config.precision, device)
-        self.bundle = load_bundle(self.config.bundle, dtype=dtype).to(device)
+        self.bundle = load_bundle(self.config.bundle, sg_latent_guide=self.config.sg_latent_guide,
+                                  dtype=dtype).to(device)
+        self.has_latent_guide = self.bundle.sg_latent_guide is not None  # may requests ask for sg_guide latents
+        check_guides(self.config, self.has_latent_guide)
         check_class_scales(self.config, self.bundle.classes)
         self.sampler = GuidedSampler(self.bundle, device=device)
         voters = load_voters(self.config.voters, device, field="voters", bundle_labeler=self.config.bundle,
@@ -346,7 +364,15 @@ class SynferGenerator:
                                        sg_target=request.sg_target or config.sg_target,
                                        sg_adaptive=config.sg_adaptive if request.sg_adaptive is None
                                        else request.sg_adaptive,
+                                       sg_guide=request.sg_guide or config.sg_guide,
+                                       sg_reuse_pass=config.sg_reuse_pass if request.sg_reuse_pass is None
+                                       else request.sg_reuse_pass,
+                                       sg_checkpointing=config.sg_checkpointing,
                                        scheduler=request.scheduler or config.scheduler)
+            if settings.sg_guide == "latents" and not self.has_latent_guide:
+                raise _unprocessable("sg_guide", "latents needs a latent guide, and this server has none "
+                                                 "(its bundle has no sg_latent_guide/ and sg_latent_guide is "
+                                                 "unset); use pixels")
             self.sampler.check(rows, settings)
         except SynferError as error:
             raise _unprocessable(error.field.replace("rows[0].", ""), str(error)) from None
@@ -381,8 +407,10 @@ class SynferGenerator:
                 "resolution": self.bundle.manifest.resolution,
                 "limits": {"max_images": config.max_images, "max_steps": config.max_steps,
                            "default_steps": config.default_steps, "au_value": [0.0, 1.0]},
-                # What a request without sg_scale or sg_target gets, per expression.
-                "sg_defaults": {"target": config.sg_target,
+                # What a request without sg_scale, sg_target or sg_guide gets, per expression; and whether
+                # a request may ask for sg_guide latents.
+                "sg_defaults": {"target": config.sg_target, "guide": config.sg_guide,
+                                "latent_guide": self.has_latent_guide,
                                 "scale": {c: self._default_sg_scale(c) for c in self.bundle.classes}},
                 "labeler": [v.name for v in self.labeler.voters]}
 

@@ -103,8 +103,8 @@ def test_one_guidance_step_on_each_target_lowers_every_rows_loss(sampler, tiny_b
             x0 = predicted_x0(latents, eps_of(**conditions), alpha_bar)
             return F.cross_entropy(classifier(sampler.decode(x0)).float(), targets, reduction="none")
 
-    moved, before = semantic_guidance_step(conditions, SG_TARGETS[sg_target], eps_of, sampler.decode, classifier,
-                                           latents, alpha_bar, targets, step_size=2.0)
+    moved, before, _ = semantic_guidance_step(conditions, SG_TARGETS[sg_target], eps_of, sampler.decode,
+                                              classifier, latents, alpha_bar, targets, step_size=2.0)
     after = loss_of(moved)
     print(f"{sg_target}: guide's CE {before.mean():.4f} -> {after.mean():.4f} after one step of 2% of the norm")
     assert torch.allclose(before, loss_of(conditions), atol=1e-5)
@@ -119,7 +119,7 @@ def test_one_guidance_step_on_each_target_lowers_every_rows_loss(sampler, tiny_b
         return
     # Adaptive: each row moves by 2% times 1 - p(target), so a row the guide already reads as its
     # class barely moves; every row's loss still falls.
-    adaptive, same = semantic_guidance_step(conditions, ("au",), eps_of, sampler.decode, classifier, latents,
+    adaptive, same, _ = semantic_guidance_step(conditions, ("au",), eps_of, sampler.decode, classifier, latents,
                                             alpha_bar, targets, step_size=2.0, adaptive=True)
     assert torch.allclose(same, before)
     change = (adaptive["au"] - conditions["au"]).flatten(1).norm(dim=1) / conditions["au"].flatten(1).norm(dim=1)
@@ -127,6 +127,128 @@ def test_one_guidance_step_on_each_target_lowers_every_rows_loss(sampler, tiny_b
     print(f"adaptive: p(target) {torch.exp(-before).tolist()}, step {change.tolist()}")
     assert torch.allclose(change, expected, atol=1e-4) and expected.std() > 0
     assert torch.all(loss_of(adaptive) < before)
+
+
+@pytest.fixture(scope="module")
+def latent_guide(tiny_bundle):
+    """A latent guide over the tiny bundle's latents, its head trained for a few steps to read the
+    predicted clean latents of sad and happy rows apart (random weights steer no better than noise)."""
+    from synfer_ray.generator.latent_guide import LatentGuide
+    from synfer_ray.generator.sampler import GuidedSampler
+    torch.manual_seed(0)
+    sampler = GuidedSampler(tiny_bundle)
+    size = tiny_bundle.unet.config.sample_size
+    guide = LatentGuide(classes=list(tiny_bundle.classes), latent_size=size, width=16)
+    settings = SamplerSettings(steps=6)
+    latents, labels = [], []
+    for expression in ("sad", "happy"):
+        latents.append(sampler.sample_latents(rows(tiny_bundle, expression, seeds=range(40, 56)), settings))
+        labels += [tiny_bundle.classes.index(expression)] * 16
+    latents, labels = torch.cat(latents), torch.tensor(labels)
+    optimizer = torch.optim.Adam(guide.parameters(), lr=3e-3)
+    for _ in range(60):
+        noisy = latents + 0.3 * torch.randn_like(latents)
+        loss = F.cross_entropy(guide(noisy), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return guide.eval().requires_grad_(False)
+
+
+def test_one_guidance_step_through_the_latent_guide_lowers_every_rows_loss(sampler, tiny_bundle, latent_guide):
+    """The latent guide reads x0_hat itself: no decode, and every row's loss still falls."""
+    from synfer_ray.generator.guidance import predicted_x0, semantic_guidance_step
+    from synfer_ray.generator.schedulers import alpha_bar_at, make_scheduler
+    requests = rows(tiny_bundle, "happy", seeds=range(6))
+    targets = torch.tensor([latent_guide.classes.index("happy")] * len(requests))
+    scheduler = make_scheduler("ddim", tiny_bundle.scheduler.config)
+    scheduler.set_timesteps(10)
+    step, t = 7, scheduler.timesteps[7]
+    latents = sampler.initial_noise([r.seed for r in requests], scheduler)
+    alpha_bar = alpha_bar_at(scheduler, step, t)
+    conditions = {"text": sampler.encode_prompts([r.prompt for r in requests]),
+                  "au": sampler.au_tokens(np.stack([np.asarray(r.aus, np.float32) for r in requests])).float()}
+
+    def eps_of(text, au):
+        return sampler.model_output(latents, t, text, au, 1.0)
+
+    def loss_of(conditions):
+        with torch.no_grad():
+            x0 = predicted_x0(latents, eps_of(**conditions), alpha_bar)
+            return F.cross_entropy(latent_guide(x0), targets, reduction="none")
+
+    decoded = []
+    moved, before, output = semantic_guidance_step(
+        conditions, ("text", "au"), eps_of, lambda x0: decoded.append(x0) or x0, latent_guide, latents,
+        alpha_bar, targets, step_size=2.0)
+    after = loss_of(moved)
+    print(f"latent guide's CE {before.mean():.4f} -> {after.mean():.4f} after one step of 2% of the norm")
+    assert decoded[0].shape == latents.shape  # the guide read the latent, not an image
+    assert torch.allclose(before, loss_of(conditions), atol=1e-5) and torch.all(after < before)
+    # The step hands back its own forward pass, made under the conditions before the move.
+    assert torch.allclose(output, eps_of(**conditions), atol=1e-5)
+
+
+def test_latent_guidance_samples_steer_and_record_no_decode_in_the_guided_steps(tiny_bundle, latent_guide):
+    from synfer_ray.generator.sampler import GuidedSampler
+    sampler = GuidedSampler(tiny_bundle, sg_latent_guide=latent_guide)
+    requests = rows(tiny_bundle, "happy", seeds=range(6))
+    decodes = []
+    hook = tiny_bundle.vae.decoder.register_forward_hook(lambda *_: decodes.append(1))
+    try:
+        off = sampler.sample_latents(requests, SamplerSettings(steps=10, sg_guide="latents"))
+        on = sampler.sample_latents(requests, SamplerSettings(steps=10, sg_guide="latents", sg_scale=16.0))
+    finally:
+        hook.remove()
+    assert decodes == []  # guided steps read latents: the VAE decoder never ran
+    target = torch.tensor([latent_guide.classes.index("happy")] * len(requests))
+    with torch.no_grad():
+        loss_off = F.cross_entropy(latent_guide(off), target, reduction="none")
+        loss_on = F.cross_entropy(latent_guide(on), target, reduction="none")
+    print(f"latent guide's CE on the final latents: without SG {loss_off.mean():.4f}, with SG {loss_on.mean():.4f}")
+    assert loss_on.mean() < loss_off.mean()
+
+
+def test_latent_guidance_without_a_latent_guide_names_the_setting(tiny_bundle):
+    from synfer_ray.generator.sampler import GuidedSampler
+    with pytest.raises(SynferError, match="sg_guide"):
+        GuidedSampler(tiny_bundle).check(rows(tiny_bundle), SamplerSettings(sg_scale=4.0, sg_guide="latents"))
+
+
+def test_reusing_the_guides_pass_saves_one_unet_pass_per_guided_step(sampler, tiny_bundle):
+    requests = rows(tiny_bundle, "sad", seeds=range(4))
+    calls = []
+    hook = tiny_bundle.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        counts = {}
+        for reuse in (False, True):
+            calls.clear()
+            images = sampler.generate_float(requests, SamplerSettings(steps=10, sg_scale=8.0, sg_reuse_pass=reuse))
+            counts[reuse] = (len(calls), images)
+    finally:
+        hook.remove()
+    guided_steps = 4  # the last 40% of 10 steps
+    # CFG steps: one UNet call on the doubled batch; guided steps: unconditional + guide (+ fresh conditional).
+    assert counts[False][0] == 6 + 3 * guided_steps and counts[True][0] == 6 + 2 * guided_steps
+    # The moved conditioning acts from the next step on: other images, still steered by the guide.
+    assert (counts[True][1] - counts[False][1]).abs().max() > 1e-4
+    classifier = tiny_bundle.sg_classifier
+    target = torch.tensor([classifier.classes.index("sad")] * len(requests))
+    plain = sampler.generate_float(requests, SamplerSettings(steps=10))
+    with torch.no_grad():
+        losses = {name: F.cross_entropy(classifier(images), target).item()
+                  for name, images in (("off", plain), ("fresh", counts[False][1]), ("reuse", counts[True][1]))}
+    print(f"guide's CE: {losses}")
+    assert losses["reuse"] < losses["off"]
+
+
+def test_recomputing_activations_makes_the_same_images(sampler, tiny_bundle):
+    requests = rows(tiny_bundle, "fear", seeds=range(3))
+    stored = sampler.generate_float(requests, SamplerSettings(steps=8, sg_scale=8.0, sg_target="both"))
+    recomputed = sampler.generate_float(requests, SamplerSettings(steps=8, sg_scale=8.0, sg_target="both",
+                                                                  sg_checkpointing=True))
+    assert torch.allclose(stored, recomputed, atol=1e-5)
+    assert not tiny_bundle.unet.is_gradient_checkpointing  # switched off again after each guided step
 
 
 def test_class_scales_steer_each_class_by_its_own_step(sampler, tiny_bundle):

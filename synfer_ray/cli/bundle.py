@@ -149,7 +149,8 @@ def _check_tolerance(tolerance: float) -> None:
 
 @app.command("sg-sweep")
 def sg_sweep(
-    bundle: Path = typer.Argument(..., help="Bundle directory (its sg_classifier/ guides)."),
+    bundle: Path = typer.Argument(..., help="Bundle directory (its sg_classifier/, or with --sg-guide latents its "
+                                            "sg_latent_guide/, guides)."),
     evaluator: Path = typer.Option(..., help="A FER classifier trained on real faces (not the bundle's guide)."),
     out: Path = typer.Option(..., help="Directory for sweep.json, sweep.md and a contact sheet per point."),
     target: list[str] = typer.Option(["text", "au", "both"], help="SG targets to sweep (repeatable)."),
@@ -163,6 +164,15 @@ def sg_sweep(
     scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),
     seed: int = typer.Option(10_000, help="Seed of the first sample."),
     sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
+    sg_guide: str = typer.Option("pixels", help="What the guide reads at every point: pixels (the decoded image, "
+                                                "read by the guiding classifier) or latents (the predicted "
+                                                "latent, read by the latent guide)."),
+    sg_reuse_pass: bool = typer.Option(False, help="Take the guide's UNet pass as the guided step's conditional "
+                                                   "half (one pass fewer; the move acts from the next step)."),
+    sg_checkpointing: bool = typer.Option(False, help="Recompute activations in guided steps' backward pass: "
+                                                      "less memory, more time, the same faces."),
+    sg_latent_guide: Optional[Path] = typer.Option(None, help="Latent guide for --sg-guide latents (default: the "
+                                                              "bundle's sg_latent_guide/)."),
     real_faces: Optional[str] = typer.Option(None, help="Labelled real faces (Parquet): the same readings of "
                                                         "as many real faces per class, a row to compare with."),
     tolerance: float = typer.Option(DIVERSITY_TOLERANCE, help=TOLERANCE_HELP),
@@ -172,7 +182,8 @@ def sg_sweep(
     from synfer_ray.train.generator_report import sg_sweep
     try:
         _check_tolerance(tolerance)
-        base = SamplerSettings(steps=steps, cfg_scale=cfg_scale, sg_window=sg_window, scheduler=scheduler)
+        base = SamplerSettings(steps=steps, cfg_scale=cfg_scale, sg_window=sg_window, scheduler=scheduler,
+                               sg_guide=sg_guide, sg_reuse_pass=sg_reuse_pass, sg_checkpointing=sg_checkpointing)
         for name in target:
             SamplerSettings(sg_target=name)  # refused here, before any sampling, naming sg_target
         if any(value < 0 for value in scale):
@@ -181,7 +192,8 @@ def sg_sweep(
             raise SynferError("--step-rule", step_rule, "fixed and/or adaptive")
         report = sg_sweep(bundle, str(evaluator), base, target, scale, per_class, seed, out, log=typer.echo,
                           sg_classifier=str(sg_classifier) if sg_classifier else None, step_rules=step_rule,
-                          real_faces=real_faces, tolerance=tolerance)
+                          real_faces=real_faces, tolerance=tolerance,
+                          sg_latent_guide=str(sg_latent_guide) if sg_latent_guide else None)
     except SynferError as error:
         fail(error)
     typer.echo(f"report: {out / 'sweep.md'} ({len(report['points'])} points)")
@@ -236,3 +248,20 @@ def info(path: Path = typer.Argument(..., help="Bundle directory.")) -> None:
     typer.echo(json.dumps({**asdict(manifest), "intact": intact}, indent=2))
     if not intact:
         raise typer.Exit(code=1)
+
+
+@app.command("add-latent-guide")
+def add_latent_guide(
+    bundle: Path = typer.Argument(..., help="Bundle directory the guide was trained on (its VAE must match)."),
+    guide: Path = typer.Argument(..., help="A latent guide: OUTPUT/model of `synfer train` with model.arch "
+                                           "latent-guide."),
+    out: Path = typer.Argument(..., help="A new or empty directory for the new bundle version: a copy of BUNDLE "
+                                         "with the guide as sg_latent_guide/ and a new content hash."),
+) -> None:
+    """Install a trained latent guide into a new version of a bundle, for `sampling.sg_guide: latents`."""
+    from synfer_ray.models import install_latent_guide
+    try:
+        manifest = install_latent_guide(bundle, guide, out)
+    except SynferError as error:
+        fail(error)
+    typer.echo(f"wrote {out} with sg_latent_guide/ (content hash {manifest.content_hash[:16]})")

@@ -53,6 +53,15 @@ def generate_one(
     sg_target: str = typer.Option(DEFAULT_SG_TARGET, help="What semantic guidance steers: text, au or both."),
     sg_adaptive: bool = typer.Option(False, help="Scale each image's SG step by 1 - p(target)."),
     sg_classifier: Optional[Path] = typer.Option(None, help="Guiding classifier (default: the bundle's)."),
+    sg_guide: str = typer.Option("pixels", help="What the guide reads: pixels (the decoded image, read by the "
+                                                "guiding classifier) or latents (the predicted latent, read by "
+                                                "the latent guide; no decode)."),
+    sg_reuse_pass: bool = typer.Option(False, help="Take the guide's UNet pass as the guided step's conditional "
+                                                   "half (one pass fewer; the move acts from the next step)."),
+    sg_checkpointing: bool = typer.Option(False, help="Recompute activations in guided steps' backward pass: "
+                                                      "less memory, more time, the same images."),
+    sg_latent_guide: Optional[Path] = typer.Option(None, help="Latent guide for --sg-guide latents (default: the "
+                                                              "bundle's sg_latent_guide/)."),
     reference: Optional[Path] = typer.Option(None, help="Reference face for layout initialisation."),
     scheduler: str = typer.Option("ddim", help="ddim, dpmpp_2m, unipc or euler."),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16; fp16 needs --device cuda."),
@@ -64,7 +73,8 @@ def generate_one(
         written = generate_pngs(bundle, expression, out, aus=parse_aus(au), prompt=prompt, seed=seed, n=n,
                                 steps=steps, cfg_scale=cfg_scale, au_scale=au_scale, sg_scale=sg_scale,
                                 sg_window=sg_window, sg_target=sg_target, sg_adaptive=sg_adaptive,
-                                sg_classifier=sg_classifier,
+                                sg_classifier=sg_classifier, sg_guide=sg_guide, sg_reuse_pass=sg_reuse_pass,
+                                sg_checkpointing=sg_checkpointing, sg_latent_guide=sg_latent_guide,
                                 reference=reference,
                                 scheduler=scheduler, precision=precision, device=device)
     except SynferError as error:

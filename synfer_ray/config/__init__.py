@@ -13,7 +13,7 @@ from synfer_ray.config.common import (Config, PoolConfig, Precision, RayConfig, 
                                       apply_overrides, build_config, expand_environment, load_config, parse_value)
 from synfer_ray.config.generate import (ADDED_GENERATE_SETTINGS, DEFAULT_SG_TARGET, DIVERSITY_TOLERANCE,
                                         AUSamplingConfig, ClassScales, GenerateConfig, LabelingConfig, SamplingConfig,
-                                        Scheduler, SgTarget, VoterConfig, without_added_settings)
+                                        Scheduler, SgGuide, SgTarget, VoterConfig, without_added_settings)
 from synfer_ray.config.generator import (AdapterTrainConfig, DenoiserStageConfig, GeneratorArchitecture,
                                          GeneratorTrainConfig, LabelledFacesConfig, LoRAConfig, QualityConfig,
                                          StageConfig, VAEStageConfig)
@@ -43,7 +43,7 @@ __all__ = [
     "DenoiserStageConfig", "GenerateConfig", "GeneratorArchitecture", "GeneratorTrainConfig", "LabelerModelConfig",
     "LabelingConfig", "LabelledFacesConfig", "LoRAConfig", "ModelConfig", "OptimConfig", "PipelineConfig",
     "PoolConfig", "Precision", "QualityConfig", "RayConfig", "SamplingConfig", "ScalingConfig", "Scheduler",
-    "ServeConfig", "SgTarget", "Shuffle", "SourceConfig", "StageConfig", "StudyConfig", "StudyDownstreamConfig",
+    "ServeConfig", "SgGuide", "SgTarget", "Shuffle", "SourceConfig", "StageConfig", "StudyConfig", "StudyDownstreamConfig",
     "StudyGenerationConfig", "StudyStage", "StudySweepConfig", "TrackingConfig", "TrainConfig", "TrainDataConfig",
     "VAEStageConfig", "VoterConfig", "apply_overrides", "build_config", "expand_environment", "load_config",
     "parse_value", "without_added_settings",

@@ -16,7 +16,11 @@ from synfer_ray.config.common import PoolConfig, Precision, RayConfig, TrackingC
 # through without_added_settings, a record from before a setting was added still matches a config
 # that leaves it at that value, so hours of shards or stages stay valid across an upgrade.
 ADDED_GENERATE_SETTINGS: dict[str, Any] = {"sampling.sg_adaptive": False, "labeling.mirror_average": False,
-                                           "sampling.sg_class_scales": {}}
+                                           "sampling.sg_class_scales": {}, "sampling.sg_guide": "pixels",
+                                           "sampling.sg_reuse_pass": False, "sampling.sg_latent_guide": None}
+# Generate settings that change how rows are computed but never their bytes: left out of a dataset's
+# identity and of a study stage's key, so turning one on resumes what was made without it.
+ROW_NEUTRAL_SETTINGS: tuple[str, ...] = ("sampling.sg_checkpointing",)
 
 
 def without_added_settings(record: dict, added: Mapping[str, Any]) -> dict:
@@ -30,6 +34,19 @@ def without_added_settings(record: dict, added: Mapping[str, Any]) -> dict:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and key in node and node[key] == old_behaviour:
             del node[key]
+    return trimmed
+
+
+def without_row_neutral_settings(record: dict) -> dict:
+    """A copy of ``record`` (a dumped generate config) less :data:`ROW_NEUTRAL_SETTINGS`."""
+    trimmed = copy.deepcopy(record)
+    for path in ROW_NEUTRAL_SETTINGS:
+        *parents, key = path.split(".")
+        node: Any = trimmed
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
     return trimmed
 
 
@@ -55,6 +72,8 @@ Scheduler = Literal["ddim", "dpmpp_2m", "unipc", "euler"]
 # is the faces-48 sweep's best agreement within 10% of no SG's diversity (docs/sg_sweep/faces48_v2.md).
 SgTarget = Literal["text", "au", "both"]
 DEFAULT_SG_TARGET: SgTarget = "au"
+# What a guided step's guide reads (synfer_ray.generator.sampler.SamplerSettings.sg_guide).
+SgGuide = Literal["pixels", "latents"]
 # How much within-class diversity SG may cost against no SG when a sweep picks a default.
 DIVERSITY_TOLERANCE = 0.10
 
@@ -108,6 +127,23 @@ class SamplingConfig(_Strict):
     sg_classifier: str | None = Field(None, description=(
         "Directory of a saved FER classifier that guides SG; null: the bundle's own sg_classifier/. Needed "
         "only when some scale is above 0; it must know every class it guides towards."))
+    sg_guide: SgGuide = Field("pixels", description=(
+        "What the guide of a guided step reads: pixels, the predicted clean image decoded by the VAE and read "
+        "by the pixel classifier (sg_classifier); latents, the predicted clean latent read directly by a "
+        "latent guide (the bundle's sg_latent_guide/ or sg_latent_guide), with no decode, so a guided step "
+        "costs much less time and memory. The results page on semantic guidance compares the two."))
+    sg_reuse_pass: bool = Field(False, description=(
+        "Take the guide's own UNet pass as the guided step's conditional half, one UNet pass fewer per guided "
+        "step; the moved conditioning then acts from the next step on. False makes a fresh conditional pass "
+        "after the move, so the move acts on the step that made it."))
+    sg_checkpointing: bool = Field(False, description=(
+        "On guided steps, recompute the UNet's and the VAE decoder's activations during the backward pass "
+        "instead of storing them: less memory, more time, the same images. It does not change a dataset's "
+        "identity, so it may be switched between a run and its resumption."))
+    sg_latent_guide: str | None = Field(None, description=(
+        "Directory of a saved latent guide that guides SG when sg_guide is latents; null: the bundle's own "
+        "sg_latent_guide/. It must have been trained on the bundle's VAE and know every class it guides "
+        "towards."))
 
 
 class VoterConfig(_Strict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from synfer_ray.config.common import Precision, RayConfig, _Strict
-from synfer_ray.config.generate import DEFAULT_SG_TARGET, ClassScales, Scheduler, SgTarget, VoterConfig
+from synfer_ray.config.generate import DEFAULT_SG_TARGET, ClassScales, Scheduler, SgGuide, SgTarget, VoterConfig
 
 
 class AutoscalingConfig(_Strict):
@@ -68,6 +68,20 @@ class ServeConfig(_Strict):
     sg_adaptive: bool = Field(False, description=(
         "Step rule of a request that does not say: false a fixed step, true each image's step times "
         "1 - p(target)."))
+    sg_guide: SgGuide = Field("pixels", description=(
+        "What the guide reads for a request that does not say: pixels (the decoded image, read by the bundle's "
+        "sg_classifier/) or latents (the predicted clean latent, read by the latent guide; no decode, so "
+        "guided requests cost less time and memory). latents needs the bundle's sg_latent_guide/ or "
+        "sg_latent_guide."))
+    sg_reuse_pass: bool = Field(False, description=(
+        "Whether a request that does not say takes the guide's UNet pass as each guided step's conditional "
+        "half (one UNet pass fewer per guided step; the move acts from the next step on)."))
+    sg_checkpointing: bool = Field(False, description=(
+        "Recompute the UNet's and VAE decoder's activations in the backward pass of guided steps instead of "
+        "storing them: less GPU memory per replica, more time, the same images."))
+    sg_latent_guide: str | None = Field(None, description=(
+        "Directory of a saved latent guide for requests with sg_guide latents; null: the bundle's own "
+        "sg_latent_guide/."))
     sg_scale: float = Field(0.0, ge=0, le=100, description=(
         "SG scale (percent of the steered norm) of a request without sg_scale whose expression is not in "
         "sg_class_scales; 0 serves those unguided."))

@@ -137,26 +137,31 @@ class LabelerModelConfig(_Strict):
 class ModelConfig(_Strict):
     """The classifier to train: its architecture, starting weights and classes."""
 
-    arch: Literal["small_cnn", "small_convnext", "feranno", "resnet18", "resnet50", "vit_b",
+    arch: Literal["small_cnn", "small_convnext", "feranno", "latent-guide", "resnet18", "resnet50", "vit_b",
                   "convnext_t"] = Field("small_cnn", description=(
         "Architecture: small_cnn and small_convnext are small and quick (two families, so a guide and an "
         "evaluator can differ); resnet18, resnet50, vit_b and convnext_t are standard backbones; feranno is "
-        "the labeler head over a bundle's frozen diffusion features (train-labeler sets it)."))
+        "the labeler head over a bundle's frozen diffusion features (train-labeler sets it); latent-guide is "
+        "a semantic-guidance classifier over a bundle's VAE latents (needs model.bundle; install it with "
+        "`synfer bundle add-latent-guide`)."))
     pretrained: str | None = Field(None, description=(
         "A transformers image classifier (path or hub id) to start from, with a new head over the classes; "
-        "null starts from random weights. Not used by feranno."))
+        "null starts from random weights. Not used by feranno or latent-guide."))
     expressions: str = Field("affectnet7", description=(
         "The class set: affectnet7 (neutral, happy, sad, surprise, fear, disgust, anger) or affectnet8 "
         "(plus contempt). Every source's labels must fall in it."))
     bundle: str | None = Field(None, description=(
-        "feranno only: the generator bundle whose frozen UNet gives the features; required with feranno."))
+        "feranno and latent-guide only, and required with them: the generator bundle whose frozen UNet gives "
+        "FERAnno's features, or whose VAE latents (and UNet's noisy x0 predictions) the latent guide reads."))
     labeler: LabelerModelConfig = Field(LabelerModelConfig(), description=(
         "FERAnno's features and head sizes; used only with arch feranno."))
 
     @model_validator(mode="after")
-    def _feranno_needs_a_bundle(self):
+    def _bundle_archs_need_a_bundle(self):
         if self.arch == "feranno" and not self.bundle:
             raise ValueError("arch feranno needs model.bundle: the bundle whose UNet features it reads")
+        if self.arch == "latent-guide" and not self.bundle:
+            raise ValueError("arch latent-guide needs model.bundle: the bundle whose VAE latents it reads")
         return self
 
 
@@ -178,7 +183,7 @@ class OptimConfig(_Strict):
         "same memory."))
     zero_stage: int = Field(2, ge=0, le=3, description=(
         "DeepSpeed ZeRO stage: 0 off, 1 partitions optimiser state, 2 also gradients, 3 also weights across "
-        "workers. train-labeler accepts 0 to 2."))
+        "workers. train-labeler and model.arch latent-guide accept 0 to 2."))
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
         "DeepSpeed's training precision: fp32, or mixed bf16 or fp16 (with loss scaling) on GPU workers only; "
         "bf16 where the GPU supports it."))

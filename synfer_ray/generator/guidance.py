@@ -19,7 +19,7 @@ faces-48 they trade agreement for diversity as fixed steps do, but do not break 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,16 @@ def relative_descent(embedding: torch.Tensor, gradient: torch.Tensor,
     return embedding - length * gradient / _per_sample_norm(gradient).clamp_min(1e-12)
 
 
+class GuidedStep(NamedTuple):
+    """What one semantic-guidance step gives: the moved conditions, each sample's loss before the move,
+    and the (guided) model output its forward pass made, before the move: a sampler may take that as
+    the step's own output instead of a fresh pass under the moved conditions (``sg_reuse_pass``)."""
+
+    conditions: dict[str, torch.Tensor]
+    loss: torch.Tensor
+    output: torch.Tensor
+
+
 def semantic_guidance_step(
     conditions: dict[str, torch.Tensor],
     steered: Sequence[str],
@@ -83,18 +93,20 @@ def semantic_guidance_step(
     step_size: float | torch.Tensor,
     prediction: str = "epsilon",
     adaptive: bool = False,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Return (the conditions with the ``steered`` ones moved, per-sample loss before the update).
+) -> GuidedStep:
+    """The conditions with the ``steered`` ones moved, the per-sample loss before the move, and the
+    model output for the conditions before the move.
 
     ``conditions`` are the conditional inputs by name (``text``, ``au``), ``eps_of(**conditions)`` the
     (guided) model output for them at this step, ``latents`` the UNet's input x_t, ``prediction``
     what the output is (epsilon or v) and ``decode(x0)`` maps latents to RGB images in [0, 1], as
-    the classifier expects. Each steered condition takes its own relative step (``step_size``: one for
+    the classifier expects (for a guide that reads latents, the identity). Each steered condition takes its own relative step (``step_size``: one for
     all samples, or one per sample); ``adaptive`` scales each sample's by ``1 - p(target)``.
     """
     with torch.enable_grad():
         inputs = {name: value.detach().requires_grad_(name in steered) for name, value in conditions.items()}
-        x0 = predicted_x0(latents, eps_of(**inputs).float(), alpha_bar, prediction)
+        output = eps_of(**inputs).float()
+        x0 = predicted_x0(latents, output, alpha_bar, prediction)
         loss = F.cross_entropy(classifier(decode(x0)).float(), targets, reduction="none")
         # Summing keeps each sample's gradient its own: rows in a batch never steer each other.
         gradients = torch.autograd.grad(loss.sum(), [inputs[name] for name in steered])
@@ -103,4 +115,4 @@ def semantic_guidance_step(
     moved = dict(conditions)
     for name, gradient in zip(steered, gradients):
         moved[name] = relative_descent(conditions[name], gradient, steps).detach()
-    return moved, loss.detach()
+    return GuidedStep(moved, loss.detach(), output.detach())

@@ -33,6 +33,10 @@ PROVENANCE_COLUMNS: dict[str, str] = {
     "sg_window": "The fraction of the last sampling steps that semantic guidance acted on.",
     "sg_target": "What semantic guidance steered: text, au or both.",
     "sg_adaptive": "Whether each guided step was scaled by 1 - p(target).",
+    "sg_guide": "What the guide of each guided step read: pixels (the decoded image) or latents (the "
+                "predicted clean latent).",
+    "sg_reuse_pass": "Whether each guided step took the guide's UNet pass as its conditional half (the move "
+                     "acting from the next step on) instead of a fresh pass after the move.",
     "scheduler": "The diffusers scheduler that sampled the row.",
     "precision": "The generator's weight dtype (fp32, bf16, fp16).",
     "bundle_hash": "Content hash of the generator bundle that made the row.",
@@ -79,6 +83,8 @@ def generate_rows(sampler: GuidedSampler, rows: Sequence[ManifestRow], settings:
         "sg_window": pa.array([settings.sg_window] * n, pa.float32()),
         "sg_target": pa.array([settings.sg_target] * n, pa.string()),
         "sg_adaptive": pa.array([settings.sg_adaptive] * n, pa.bool_()),
+        "sg_guide": pa.array([settings.sg_guide] * n, pa.string()),
+        "sg_reuse_pass": pa.array([settings.sg_reuse_pass] * n, pa.bool_()),
         "scheduler": pa.array([settings.scheduler] * n, pa.string()),
         "precision": pa.array([name_of(sampler.dtype)] * n, pa.string()),
         "bundle_hash": pa.array([bundle.content_hash] * n, pa.string()),

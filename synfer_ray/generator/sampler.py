@@ -12,8 +12,9 @@ scheduler sees it, which keeps multistep solvers and the normalised SG step nume
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,10 +24,14 @@ from synfer_ray.bundle import Bundle
 from synfer_ray.config import DEFAULT_SG_TARGET
 from synfer_ray.errors import SynferError
 from synfer_ray.generator.guidance import SG_TARGETS, guidance_steps, predicted_noise, semantic_guidance_step
+from synfer_ray.generator.latent_guide import LatentGuide
 from synfer_ray.generator.inversion import ddim_invert
 from synfer_ray.generator.schedulers import SCHEDULERS, alpha_bar_at, make_scheduler, prediction_type
 
 MAX_STEPS = 1000
+# What a guided step's classifier reads: the decoded image (the bundle's sg_classifier/) or the
+# predicted clean latent itself (its sg_latent_guide/, no VAE decode and no backward through it).
+SG_GUIDES = ("pixels", "latents")
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,13 @@ class SamplerSettings:
     """How to sample. ``cfg_scale`` 1 turns CFG off; ``sg_scale`` 0 turns semantic guidance off, else
     each guided step moves ``sg_target`` by ``sg_scale`` percent of its norm (see guidance.py), times
     ``1 - p(target)`` per sample with ``sg_adaptive``. ``sg_class_scales`` (class -> scale; a mapping
-    is kept as sorted pairs) gives the named classes' rows their own scale instead of ``sg_scale``."""
+    is kept as sorted pairs) gives the named classes' rows their own scale instead of ``sg_scale``.
+
+    The cost of a guided step: ``sg_guide`` "latents" reads x0_hat with the latent guide instead of
+    decoding it for the pixel guide; ``sg_reuse_pass`` takes the guide's own forward pass as the step's
+    conditional half (one UNet pass fewer; the moved conditioning acts from the next step on);
+    ``sg_checkpointing`` recomputes activations in the guide's backward instead of keeping them (less
+    memory, the same images)."""
 
     steps: int = 25
     cfg_scale: float = 3.0
@@ -45,6 +56,9 @@ class SamplerSettings:
     sg_target: str = DEFAULT_SG_TARGET
     sg_adaptive: bool = False
     sg_class_scales: tuple[tuple[str, float], ...] = ()
+    sg_guide: str = "pixels"
+    sg_reuse_pass: bool = False
+    sg_checkpointing: bool = False
 
     @classmethod
     def from_config(cls, sampling) -> "SamplerSettings":
@@ -52,7 +66,10 @@ class SamplerSettings:
         return cls(steps=sampling.steps, cfg_scale=sampling.cfg_scale, au_scale=sampling.au_scale,
                    sg_scale=sampling.sg_scale, sg_window=sampling.sg_window, scheduler=sampling.scheduler,
                    sg_target=sampling.sg_target, sg_adaptive=sampling.sg_adaptive,
-                   sg_class_scales=sampling.sg_class_scales)
+                   sg_class_scales=sampling.sg_class_scales,
+                   sg_guide=getattr(sampling, "sg_guide", "pixels"),
+                   sg_reuse_pass=getattr(sampling, "sg_reuse_pass", False),
+                   sg_checkpointing=getattr(sampling, "sg_checkpointing", False))
 
     def __post_init__(self):
         # Frozen and hashable whatever the caller passed: a mapping becomes sorted (class, scale) pairs.
@@ -71,6 +88,8 @@ class SamplerSettings:
                 raise SynferError(f"sg_class_scales.{name}", value, "a finite number >= 0")
         if self.sg_target not in SG_TARGETS:
             raise SynferError("sg_target", self.sg_target, f"one of {list(SG_TARGETS)}")
+        if self.sg_guide not in SG_GUIDES:
+            raise SynferError("sg_guide", self.sg_guide, f"one of {list(SG_GUIDES)}")
         if not 0 <= self.sg_window <= 1:
             raise SynferError("sg_window", self.sg_window, "a fraction of the steps in [0, 1]")
 
@@ -100,7 +119,8 @@ class GuidedSampler:
     """The SynFER sampler over a loaded :class:`Bundle`; pure PyTorch, on the bundle's device and dtype."""
 
     def __init__(self, bundle: Bundle, sg_classifier: torch.nn.Module | None = None,
-                 sg_classes: Sequence[str] | None = None, device: str | torch.device | None = None):
+                 sg_classes: Sequence[str] | None = None, device: str | torch.device | None = None,
+                 sg_latent_guide: LatentGuide | None = None):
         self.bundle = bundle
         self.device = torch.device(device) if device is not None else bundle.unet.device
         self.dtype = bundle.unet.dtype
@@ -109,7 +129,15 @@ class GuidedSampler:
         if sg_classes is None and self.sg_classifier is not None:
             sg_classes = getattr(self.sg_classifier, "classes", bundle.classes)
         self.sg_classes = list(sg_classes) if sg_classes is not None else None
+        self.sg_latent_guide = sg_latent_guide if sg_latent_guide is not None else getattr(bundle, "sg_latent_guide", None)
         self._empty_prompt: torch.Tensor | None = None
+
+    def guide(self, settings: "SamplerSettings") -> tuple[torch.nn.Module | None, list[str] | None]:
+        """The classifier a guided step reads with, for ``settings.sg_guide``, and its classes."""
+        if settings.sg_guide == "latents":
+            guide = self.sg_latent_guide
+            return guide, (guide.classes if guide is not None else None)
+        return self.sg_classifier, self.sg_classes
 
     # --- inputs ----------------------------------------------------------------------------
 
@@ -135,12 +163,17 @@ class GuidedSampler:
                 raise SynferError(f"rows[{i}].reference", request.reference.shape,
                                   f"an RGB uint8 image of shape ({size}, {size}, 3)")
             if settings.uses_sg:
-                if self.sg_classifier is None:
+                guide, guide_classes = self.guide(settings)
+                if guide is None and settings.sg_guide == "latents":
+                    raise SynferError("sg_guide", settings.sg_guide,
+                                      "pixels, or a bundle with sg_latent_guide/ or an sg_latent_guide path "
+                                      "(train one with `synfer train` and model.arch latent-guide)")
+                if guide is None:
                     raise SynferError("sg_scale", settings.sg_scale,
                                       "0, or a bundle with sg_classifier/ or a --sg-classifier path")
-                if request.target not in (self.sg_classes or ()):
+                if request.target not in (guide_classes or ()):
                     raise SynferError(f"rows[{i}].target", request.target,
-                                      f"with semantic guidance, a class of the guiding classifier: {self.sg_classes}")
+                                      f"with semantic guidance, a class of the guiding classifier: {guide_classes}")
 
     # --- components ------------------------------------------------------------------------
 
@@ -166,6 +199,23 @@ class GuidedSampler:
                  for s in seeds]
         sigma = (scheduler or self.bundle.scheduler).init_noise_sigma
         return torch.cat(noise).to(self.device) * sigma
+
+    @contextmanager
+    def recomputing(self, enabled: bool) -> Iterator[None]:
+        """Within: the UNet and the VAE keep no activations for the backward pass but recompute them
+        (diffusers' gradient checkpointing; it acts only where gradients are taken, i.e. on guided
+        steps)."""
+        modules = [m for m in (self.bundle.unet, self.bundle.vae) if getattr(m, "_supports_gradient_checkpointing", False)]
+        if not enabled or not modules:
+            yield
+            return
+        for module in modules:
+            module.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.disable_gradient_checkpointing()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> RGB images in [0, 1], (batch, 3, H, W), in the model dtype."""
@@ -228,8 +278,11 @@ class GuidedSampler:
         text_uncond = self.unconditional_text(batch)
         sg_at = guidance_steps(settings.steps, settings.sg_window) if settings.uses_sg else set()
         targets = step_sizes = None
+        guide, guide_classes = self.guide(settings)
+        # The latent guide reads x0_hat as it is: nothing to decode, nothing to back-propagate through.
+        guide_input = (lambda x0: x0) if settings.sg_guide == "latents" else self.decode
         if sg_at:
-            targets = torch.tensor([self.sg_classes.index(r.target) for r in requests], device=self.device)
+            targets = torch.tensor([guide_classes.index(r.target) for r in requests], device=self.device)
             step_sizes = settings.sg_scale if not settings.sg_class_scales else torch.tensor(
                 [settings.sg_scale_of(r.target) for r in requests], dtype=torch.float32, device=self.device)
         for i, t in enumerate(scheduler.timesteps):
@@ -237,8 +290,8 @@ class GuidedSampler:
             model_input = scheduler.scale_model_input(latents, t)
             guiding = i in sg_at
             with torch.no_grad():
-                # At a guided step the conditional output is made only after the conditions move, so
-                # only the unconditional half is made now (the other would be thrown away).
+                # At a guided step the conditional half comes from the guide's pass or after the
+                # conditions move, so only the unconditional half is made now.
                 if use_cfg and not guiding:
                     both = self.model_output(torch.cat([model_input, model_input]), t,
                                              torch.cat([text_uncond, text]), torch.cat([au_uncond, au_cond]),
@@ -256,16 +309,22 @@ class GuidedSampler:
                 return eps_uncond + settings.cfg_scale * (eps_text - eps_uncond)
 
             if guiding:
-                moved, _ = semantic_guidance_step(
-                    {"text": text, "au": au_cond}, SG_TARGETS[settings.sg_target],
-                    lambda text, au: guided(self.model_output(model_input, t, text, au, settings.au_scale)),
-                    self.decode, self.sg_classifier, model_input, alpha_bar_at(scheduler, i, t).to(self.device),
-                    targets, step_sizes, self.prediction, adaptive=settings.sg_adaptive)
-                text, au_cond = moved["text"], moved["au"]
-                with torch.no_grad():
-                    eps_cond = self.model_output(model_input, t, text, au_cond, settings.au_scale)
+                with self.recomputing(settings.sg_checkpointing):
+                    step = semantic_guidance_step(
+                        {"text": text, "au": au_cond}, SG_TARGETS[settings.sg_target],
+                        lambda text, au: guided(self.model_output(model_input, t, text, au, settings.au_scale)),
+                        guide_input, guide, model_input, alpha_bar_at(scheduler, i, t).to(self.device),
+                        targets, step_sizes, self.prediction, adaptive=settings.sg_adaptive)
+                text, au_cond = step.conditions["text"], step.conditions["au"]
+                if settings.sg_reuse_pass:
+                    output = step.output  # already guided: CFG over the guide's own conditional pass
+                else:
+                    with torch.no_grad():
+                        output = guided(self.model_output(model_input, t, text, au_cond, settings.au_scale))
+            else:
+                output = guided(eps_cond)
             with torch.no_grad():
-                latents = scheduler.step(guided(eps_cond), t, latents).prev_sample
+                latents = scheduler.step(output, t, latents).prev_sample
         return latents
 
     def generate_float(self, requests: Sequence[SampleRequest], settings: SamplerSettings) -> torch.Tensor:

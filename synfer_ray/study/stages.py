@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 from synfer_ray.config import (ADDED_GENERATE_SETTINGS, DEFAULT_SG_TARGET, GenerateConfig, GeneratorTrainConfig,
                                StudyConfig, StudyStage, TrainConfig, TrackingConfig, build_config, load_config,
                                without_added_settings)
+from synfer_ray.config.generate import without_row_neutral_settings
 from synfer_ray.errors import SynferError
 from synfer_ray.evaluate import evaluate_model, evaluate_votes, headline_figures
 from synfer_ray.train.generator_report import real_reference, sg_sweep
@@ -84,8 +85,10 @@ def _load_stage(model, stage: StudyStage, field: str, extra: Sequence[str] = ())
 
 
 def _generate_fields(config: GenerateConfig, exclude: set[str]) -> dict:
-    """A generate config's fields, less ``exclude``, as stage keys and lineage read them."""
-    return without_added_settings(config.model_dump(mode="json", exclude=exclude), ADDED_GENERATE_SETTINGS)
+    """A generate config's fields, less ``exclude`` and the settings that change no row's bytes, as stage
+    keys and lineage read them."""
+    fields = without_row_neutral_settings(config.model_dump(mode="json", exclude=exclude))
+    return without_added_settings(fields, ADDED_GENERATE_SETTINGS)
 
 
 def _identity(config) -> dict:
@@ -227,7 +230,11 @@ def condition_config(study: StudyConfig, condition: str, bundles: dict[str, str]
                      "sg_scale": sampling.sg_scale if guided else 0.0,
                      "sg_target": sampling.sg_target if guided else DEFAULT_SG_TARGET,
                      "sg_adaptive": sampling.sg_adaptive and guided,
-                     "sg_class_scales": sampling.sg_class_scales if guided else {}},
+                     "sg_class_scales": sampling.sg_class_scales if guided else {},
+                     "sg_guide": sampling.sg_guide if guided else "pixels",
+                     "sg_reuse_pass": sampling.sg_reuse_pass and guided,
+                     "sg_checkpointing": sampling.sg_checkpointing and guided,
+                     "sg_latent_guide": sampling.sg_latent_guide if guided else None},
         "labeling": ({"voters": [{"path": guide, "name": "guide"}], "bundle_labeler": True,
                       "tau": study.generation.tau, "mirror_average": study.generation.mirror_average}
                      if labeled else {"voters": [], "bundle_labeler": False}),
@@ -280,12 +287,21 @@ def sweep_key(study: StudyConfig, bundle_hash: str, guide_sha256: str, evaluator
     """What decides the sweep's result; settings added since sweeps were first cached are left out
     at their old-behaviour values, so those sweeps stay valid."""
     import dataclasses
+
+    from synfer_ray.generator.latent_guide import is_latent_guide
+    settings = dataclasses.asdict(sweep_base_settings(study))
+    settings.pop("sg_checkpointing", None)  # changes no face: the same sweep with it on or off
     payload = {"bundle": bundle_hash, "guide": guide_sha256, "evaluator": evaluator_sha256,
-               "settings": dataclasses.asdict(sweep_base_settings(study)),
+               "settings": settings,
                "sweep": study.sweep.model_dump(mode="json"), "per_class": study.generation.per_class,
                "seed": study.generation.seed}
+    # A latent guide given by path guides by its weights (the bundle's own is in the bundle's hash).
+    latent_guide = study.generation.sampling.sg_latent_guide
+    if latent_guide and settings["sg_guide"] == "latents" and is_latent_guide(latent_guide):
+        payload["latent_guide"] = _classifier_description(latent_guide)["weights_sha256"]
     return without_added_settings(payload, {"settings.sg_adaptive": False, "settings.sg_class_scales": (),
-                                            "sweep.step_rules": ["fixed"]})
+                                            "sweep.step_rules": ["fixed"], "settings.sg_guide": "pixels",
+                                            "settings.sg_reuse_pass": False})
 
 
 def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, cache: StageCache) -> dict | None:
@@ -301,7 +317,8 @@ def sweep_stage(study: StudyConfig, bundle: str, guide: dict, evaluator: dict, c
     def make(directory: Path) -> dict:
         report = sg_sweep(Path(bundle), evaluator["model"], base, study.sweep.targets, study.sweep.scales,
                           study.generation.per_class, study.generation.seed, directory / "sweep",
-                          sg_classifier=guide["model"], step_rules=study.sweep.step_rules)
+                          sg_classifier=guide["model"], step_rules=study.sweep.step_rules,
+                          sg_latent_guide=study.generation.sampling.sg_latent_guide)
         return {"directory": str(directory / "sweep"), "sg_classifier": guide["model"],
                 "points": report["points"]}  # the pick is read from the points (sweep_table)
     return {**cache.run("sweep", payload, make), "real_reference": real_reference_stage(study, bundle, evaluator,

@@ -362,6 +362,22 @@ def _class_weights(counts: dict[str, float], classes: tuple[str, ...]) -> tuple[
     return tuple(float(w) for w in weights)
 
 
+def _check_bundle(config: TrainConfig) -> None:
+    """For the classifiers over a frozen bundle (feranno, latent-guide): the bundle exists, before any Ray
+    work. A latent guide trains a small head over a frozen VAE and UNet: ZeRO-3 would partition those
+    across workers and gather them again at every step, for nothing (train-labeler refuses it for FERAnno)."""
+    from synfer_ray.bundle import BundleManifest
+    model = config.model
+    if model.arch in ("feranno", "latent-guide"):
+        try:
+            BundleManifest.read(Path(model.bundle))
+        except SynferError as error:
+            raise SynferError("model.bundle", model.bundle, error.accepted) from None
+    if model.arch == "latent-guide" and config.optim.zero_stage == 3:
+        raise SynferError("optim.zero_stage", 3, "0, 1 or 2 for model.arch latent-guide (only its small head "
+                                                 "trains; its frozen VAE and UNet are not worth partitioning)")
+
+
 def _precision(config: TrainConfig) -> str:
     """Mixed precision is for GPU workers: refused on CPU workers, before any Ray work."""
     precision = config.optim.precision
@@ -404,6 +420,7 @@ def run_train(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     if fs.get_file_info(f"{root}/{MODEL_DIR}").type != pafs.FileType.NotFound and not overwrite:
         raise SynferError("output", config.output, "a directory without a trained model/ (this one is finished); "
                                                    "use another output or --overwrite")
+    _check_bundle(config)
     precision = _precision(config)
     prepared = prepare_data(config, classes)
     if overwrite:

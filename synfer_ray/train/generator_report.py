@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from synfer_ray import taxonomy
-from synfer_ray.config import DIVERSITY_TOLERANCE, QualityConfig
+from synfer_ray.config import DIVERSITY_TOLERANCE, QualityConfig, without_added_settings
 from synfer_ray.errors import SynferError
 from synfer_ray.evaluate import diversity_by_class, pixel_vectors, within_class_diversity
 from synfer_ray.images import png_bytes
@@ -109,7 +109,8 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
     from synfer_ray.precision import resolve
     device = report_device()
     dtype = resolve(quality.precision, device, field="quality.precision")
-    bundle = load_bundle(bundle_path, sg_classifier=quality.sampling.sg_classifier, dtype=dtype).to(device)
+    bundle = load_bundle(bundle_path, sg_classifier=quality.sampling.sg_classifier,
+                         sg_latent_guide=quality.sampling.sg_latent_guide, dtype=dtype).to(device)
     settings = SamplerSettings.from_config(quality.sampling)
     images, targets = sample_per_class(bundle, settings, quality.samples_per_class, quality.seed)
     class_contact_sheet(images, targets, bundle.classes, out / "contact_sheet.png", quality.samples_per_class)
@@ -129,13 +130,42 @@ def quality_report(bundle_path: Path, quality: QualityConfig, out: Path, origina
     return {"metrics": metrics, "report": report}
 
 
+# Sampler settings a sweep records that were added after sweeps were first kept, each with the value
+# under which it behaves as before: sweeps that differ only there pool as one.
+ADDED_SWEEP_SETTINGS: dict[str, Any] = {"sg_guide": "pixels", "sg_reuse_pass": False}
+
+
+def _sweep_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """A sweep's recorded settings as pooling compares them: less the added settings at their old
+    values, and less sg_checkpointing, which changes no face."""
+    trimmed = without_added_settings(settings or {}, ADDED_SWEEP_SETTINGS)
+    trimmed.pop("sg_checkpointing", None)
+    return trimmed
+
+
+def guide_line(report: dict[str, Any]) -> str:
+    """The guide settings a sweep ran with, in words ('' for a sweep that did not record them)."""
+    settings = report.get("settings") or {}
+    if "sg_guide" not in settings:
+        return ""
+    latents = settings["sg_guide"] == "latents"
+    source = report.get("sg_latent_guide" if latents else "sg_classifier") or "the bundle's"
+    guide = f"latents (latent guide: {source})" if latents else f"pixels (classifier: {source})"
+    passes = ("the guide's pass as the conditional half" if settings.get("sg_reuse_pass")
+              else "a fresh conditional pass after each move")
+    return f"Guide: {guide}; {passes}."
+
+
 def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targets: Sequence[str],
              scales: Sequence[float], per_class: int, seed: int, out: Path, log=print,
              sg_classifier: str | None = None, step_rules: Sequence[str] = ("fixed",),
-             real_faces: str | None = None, tolerance: float = DIVERSITY_TOLERANCE) -> dict[str, Any]:
+             real_faces: str | None = None, tolerance: float = DIVERSITY_TOLERANCE,
+             sg_latent_guide: str | None = None) -> dict[str, Any]:
     """Evaluator agreement (overall and per class), within-class diversity and a contact sheet for
     every (SG target, step rule, scale), all from the same seeds; scale 0 (no SG) once, shared by
-    every curve. SG follows ``sg_classifier`` (default: the bundle's own guide); the step rule is
+    every curve. SG follows ``base.sg_guide``: pixels, read by ``sg_classifier`` (default: the
+    bundle's own guide), or latents, read by ``sg_latent_guide`` (default: the bundle's
+    ``sg_latent_guide/``), with ``base``'s ``sg_reuse_pass`` and ``sg_checkpointing``; the step rule is
     ``fixed`` (every sample's step the scale) or ``adaptive`` (times 1 - p(target), guidance.py).
     With ``real_faces`` (labelled Parquet), the same readings of ``per_class`` real faces per class
     (:func:`real_reference`): what agreement and diversity are on real faces. ``tolerance`` bounds the
@@ -150,7 +180,11 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
     from synfer_ray.bundle import load_bundle
     from synfer_ray.models import load_classifier
     device = report_device()  # fp32 throughout: the sweep's figures compare across machines
-    bundle = load_bundle(bundle_path, sg_classifier=sg_classifier).to(device)
+    bundle = load_bundle(bundle_path, sg_classifier=sg_classifier, sg_latent_guide=sg_latent_guide).to(device)
+    if base.sg_guide == "latents" and bundle.sg_latent_guide is None and any(scale > 0 for scale in scales):
+        # Refused now, not after the first point's minutes of sampling.
+        raise SynferError("sg_guide", base.sg_guide, "pixels, or a latent guide for this bundle: --sg-latent-guide "
+                                                     "or the bundle's sg_latent_guide/ (it has none)")
     evaluator = load_classifier(evaluator_path, field="evaluator").to(device)
     points = [("none", False, 0.0)] + [(target, rule == "adaptive", float(scale)) for target in targets
                                         for rule in step_rules for scale in scales if scale > 0]
@@ -174,6 +208,8 @@ def sg_sweep(bundle_path: Path, evaluator_path: str, base: SamplerSettings, targ
             f"diversity {readings['diversity']:.4f}, {seconds:.0f} s")
     report = {"bundle": str(bundle_path), "bundle_hash": bundle.content_hash, "evaluator": evaluator_path,
               "sg_classifier": sg_classifier or "the bundle's",
+              # The latent guide, where the sweep's guide reads latents (base.sg_guide in settings).
+              "sg_latent_guide": (sg_latent_guide or "the bundle's") if base.sg_guide == "latents" else None,
               "per_class": per_class, "seed": seed, "settings": dataclasses.asdict(base), "points": results,
               "best_within_diversity": best_within_diversity(results, tolerance), "tolerance": tolerance}
     if reference:
@@ -196,8 +232,10 @@ def pooled_sweep(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise SynferError("sweeps", len(reports), "two or more sweep directories to pool")
     first = reports[0]
     for report in reports[1:]:
-        for key in ("bundle_hash", "evaluator", "sg_classifier", "per_class", "settings"):
-            if report.get(key) != first.get(key):
+        for key in ("bundle_hash", "evaluator", "sg_classifier", "sg_latent_guide", "per_class", "settings"):
+            same = (_sweep_settings(report.get(key)) == _sweep_settings(first.get(key)) if key == "settings"
+                    else report.get(key) == first.get(key))
+            if not same:
                 raise SynferError(f"sweep {key}", report.get(key),
                                   f"the same {key} in every pooled sweep ({first.get(key)!r}); pool sweeps of "
                                   "one bundle, evaluator, guide and sampler that differ in --seed only")
@@ -211,7 +249,8 @@ def pooled_sweep(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     naming = ("sg_target", "sg_adaptive", "sg_scale", "contact_sheet")
     points = [{**{name: value for name, value in by_point[0][key].items() if name in naming},
                **mean_readings([sweep_points[key] for sweep_points in by_point])} for key in shared]
-    pooled = {**{key: first.get(key) for key in ("bundle", "bundle_hash", "evaluator", "sg_classifier", "settings")},
+    pooled = {**{key: first.get(key) for key in ("bundle", "bundle_hash", "evaluator", "sg_classifier",
+                                                  "sg_latent_guide", "settings")},
               "per_class": first["per_class"] * len(reports), "seeds": seeds, "points": points,
               "best_within_diversity": best_within_diversity(points)}
     if all("real_reference" in report for report in reports):  # each sweep's seed drew other real faces
@@ -474,7 +513,8 @@ def sweep_table(report: dict[str, Any], classes: Sequence[str], setting: tuple[s
     pick's luck (a pick at the bound lands past it on other faces)."""
     header = ("| SG target | SG scale | agreement | " + " | ".join(classes)
               + " | diversity | among agreed | pixels | seconds |")
-    lines = [header, "|" + "---|" * (len(classes) + 7)]
+    guide = guide_line(report)
+    lines = ([guide, ""] if guide else []) + [header, "|" + "---|" * (len(classes) + 7)]
     for point in report["points"]:
         shares = point["agreement"]
         # Sweeps from before the two class-blind readings existed show n/a there.
