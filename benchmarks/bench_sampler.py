@@ -91,10 +91,12 @@ def sg_cost_lines(args) -> None:
         sampler = GuidedSampler(load_bundle(path, sg_latent_guide=guide))
         requests = sg_cost.requests_for(sampler.bundle, args.sg_batch)
         started = time.perf_counter()
-        times = sg_cost.step_times(sampler, requests, list(sg_cost.MODES), args.sg_scale, args.sg_repeats)
+        parts = args.sg_parts.split(",")
+        times = sg_cost.step_times(sampler, requests, list(sg_cost.MODES), args.sg_scale, args.sg_repeats) \
+            if "time" in parts else None
         del sampler
         peaks = {mode: sg_cost.cpu_peak(path, guide, mode, args.sg_batch, args.sg_scale, args.threads)
-                 for mode in [sg_cost.CFG, *sg_cost.MODES]}
+                 for mode in [sg_cost.CFG, *sg_cost.MODES]} if "memory" in parts else None
         for line in sg_cost.report(label, times, peaks, args.sg_steps, args.sg_window):
             print(line, flush=True)
         print(f"  ({label} measured in {time.perf_counter() - started:.0f} s)")
@@ -118,7 +120,8 @@ def main() -> None:
     parser.add_argument("--sg-steps", type=int, default=25)
     parser.add_argument("--sg-window", type=float, default=0.4)
     parser.add_argument("--sg-scale", type=float, default=8.0)
-    parser.add_argument("--sg-repeats", type=int, default=2)
+    parser.add_argument("--sg-repeats", type=int, default=1)
+    parser.add_argument("--sg-parts", default="time,memory", help="time, memory or both (comma-separated)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.sg_cost:
