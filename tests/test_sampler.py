@@ -80,23 +80,30 @@ def test_semantic_guidance_lowers_the_guides_loss(sampler, tiny_bundle):
         assert torch.all(on < off)
 
 
-@pytest.mark.parametrize("sg_target", ["text", "au", "both"])
-def test_one_guidance_step_on_each_target_lowers_every_rows_loss(sampler, tiny_bundle, sg_target):
-    from synfer_ray.generator.guidance import SG_TARGETS, predicted_x0, semantic_guidance_step
+def late_step(sampler, bundle, requests):
+    """A late DDIM step (8 of 10) of ``requests``: its x_t, alpha_bar, the conditions SG may steer,
+    and the model output as a function of them."""
     from synfer_ray.generator.schedulers import alpha_bar_at, make_scheduler
-    classifier = tiny_bundle.sg_classifier
-    requests = rows(tiny_bundle, "happy", seeds=range(6))
-    targets = torch.tensor([classifier.classes.index("happy")] * len(requests))
-    scheduler = make_scheduler("ddim", tiny_bundle.scheduler.config)
+    scheduler = make_scheduler("ddim", bundle.scheduler.config)
     scheduler.set_timesteps(10)
     step, t = 7, scheduler.timesteps[7]
     latents = sampler.initial_noise([r.seed for r in requests], scheduler)
-    alpha_bar = alpha_bar_at(scheduler, step, t)
     conditions = {"text": sampler.encode_prompts([r.prompt for r in requests]),
                   "au": sampler.au_tokens(np.stack([np.asarray(r.aus, np.float32) for r in requests])).float()}
 
     def eps_of(text, au):
         return sampler.model_output(latents, t, text, au, 1.0)
+
+    return latents, alpha_bar_at(scheduler, step, t), conditions, eps_of
+
+
+@pytest.mark.parametrize("sg_target", ["text", "au", "both"])
+def test_one_guidance_step_on_each_target_lowers_every_rows_loss(sampler, tiny_bundle, sg_target):
+    from synfer_ray.generator.guidance import SG_TARGETS, predicted_x0, semantic_guidance_step
+    classifier = tiny_bundle.sg_classifier
+    requests = rows(tiny_bundle, "happy", seeds=range(6))
+    targets = torch.tensor([classifier.classes.index("happy")] * len(requests))
+    latents, alpha_bar, conditions, eps_of = late_step(sampler, tiny_bundle, requests)
 
     def loss_of(conditions):
         with torch.no_grad():
@@ -158,19 +165,9 @@ def latent_guide(tiny_bundle):
 def test_one_guidance_step_through_the_latent_guide_lowers_every_rows_loss(sampler, tiny_bundle, latent_guide):
     """The latent guide reads x0_hat itself: no decode, and every row's loss still falls."""
     from synfer_ray.generator.guidance import predicted_x0, semantic_guidance_step
-    from synfer_ray.generator.schedulers import alpha_bar_at, make_scheduler
     requests = rows(tiny_bundle, "happy", seeds=range(6))
     targets = torch.tensor([latent_guide.classes.index("happy")] * len(requests))
-    scheduler = make_scheduler("ddim", tiny_bundle.scheduler.config)
-    scheduler.set_timesteps(10)
-    step, t = 7, scheduler.timesteps[7]
-    latents = sampler.initial_noise([r.seed for r in requests], scheduler)
-    alpha_bar = alpha_bar_at(scheduler, step, t)
-    conditions = {"text": sampler.encode_prompts([r.prompt for r in requests]),
-                  "au": sampler.au_tokens(np.stack([np.asarray(r.aus, np.float32) for r in requests])).float()}
-
-    def eps_of(text, au):
-        return sampler.model_output(latents, t, text, au, 1.0)
+    latents, alpha_bar, conditions, eps_of = late_step(sampler, tiny_bundle, requests)
 
     def loss_of(conditions):
         with torch.no_grad():
