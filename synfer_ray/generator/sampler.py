@@ -67,9 +67,8 @@ class SamplerSettings:
                    sg_scale=sampling.sg_scale, sg_window=sampling.sg_window, scheduler=sampling.scheduler,
                    sg_target=sampling.sg_target, sg_adaptive=sampling.sg_adaptive,
                    sg_class_scales=sampling.sg_class_scales,
-                   sg_guide=getattr(sampling, "sg_guide", "pixels"),
-                   sg_reuse_pass=getattr(sampling, "sg_reuse_pass", False),
-                   sg_checkpointing=getattr(sampling, "sg_checkpointing", False))
+                   sg_guide=sampling.sg_guide, sg_reuse_pass=sampling.sg_reuse_pass,
+                   sg_checkpointing=sampling.sg_checkpointing)
 
     def __post_init__(self):
         # Frozen and hashable whatever the caller passed: a mapping becomes sorted (class, scale) pairs.
@@ -129,7 +128,7 @@ class GuidedSampler:
         if sg_classes is None and self.sg_classifier is not None:
             sg_classes = getattr(self.sg_classifier, "classes", bundle.classes)
         self.sg_classes = list(sg_classes) if sg_classes is not None else None
-        self.sg_latent_guide = sg_latent_guide if sg_latent_guide is not None else getattr(bundle, "sg_latent_guide", None)
+        self.sg_latent_guide = sg_latent_guide if sg_latent_guide is not None else bundle.sg_latent_guide
         self._empty_prompt: torch.Tensor | None = None
 
     def guide(self, settings: "SamplerSettings") -> tuple[torch.nn.Module | None, list[str] | None]:
